@@ -1,0 +1,13 @@
+"""fastbp: fast, exact backpropagation for dense neural networks on the CPU.
+
+The compiled kernels (`fastbp._kernels`) and their NumPy specification
+(`fastbp.reference`) share names and signatures; `MLP` runs on either.
+"""
+
+from ._backend import BACKENDS, get_backend
+from .network import LOSSES, MLP
+from .optim import SGD, Optimizer
+
+__version__ = "0.1.0"
+
+__all__ = ["MLP", "SGD", "Optimizer", "LOSSES", "BACKENDS", "get_backend", "__version__"]

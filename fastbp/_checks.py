@@ -1,0 +1,126 @@
+"""Argument checks shared by the two kernel backends.
+
+`fastbp.reference` runs these checks on every call. The compiled kernels rely
+on typed memoryviews for the same checks (they are free there) and call
+`check_arrays` only after a conversion has failed, to replace Cython's generic
+buffer message with one that names the argument. Both backends therefore raise
+the same exception types with the same messages for the same bad input.
+"""
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+LABEL_DTYPE = np.dtype(np.int64)
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+OUTPUT_ACTIVATIONS = ("identity", "sigmoid", "tanh")
+
+#: Negative slope of ``leaky_relu`` (PyTorch's default).
+LEAKY_RELU_SLOPE = 0.01
+
+
+def check_choice(name, value, choices):
+    """Raise unless `value` is one of the strings in `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {name} {value!r}; expected one of {valid}")
+    return value
+
+
+def _check_array(name, a, ndim, dtype, writable):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if dtype is None:
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {a.dtype}; expected float32 or float64")
+    elif a.dtype != dtype:
+        hint = " (all float arguments of a call share one dtype)" if dtype in FLOAT_DTYPES else ""
+        raise TypeError(f"{name} has dtype {a.dtype}; expected {dtype}{hint}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {a.ndim}-D with shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; an output must be writable")
+
+
+#: The array arguments of each kernel, in signature order: (name, ndim, role).
+#: role is "in" (read), "out" (written; may be None where the kernel allows it)
+#: or "labels" (int64 class labels).
+KERNEL_ARRAYS = {
+    "dense_forward": (("X", 2, "in"), ("W", 2, "in"), ("b", 1, "in"), ("out", 2, "out")),
+    "activation_backward": (("A", 2, "in"), ("dA", 2, "in"), ("out", 2, "out")),
+    "dense_backward": (("dZ", 2, "in"), ("X", 2, "in"), ("W", 2, "in"),
+                       ("dW", 2, "out"), ("db", 1, "out"), ("dX", 2, "out")),
+    "softmax": (("Z", 2, "in"), ("out", 2, "out")),
+    "softmax_cross_entropy": (("Z", 2, "in"), ("y", 1, "labels"), ("dZ", 2, "out")),
+    "mean_squared_error": (("A", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
+    "binary_cross_entropy_with_logits": (("Z", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
+    "sgd_update": (("param", 1, "out"), ("grad", 1, "in"), ("momentum_buffer", 1, "out")),
+    "all_finite": (("x", 1, "in"),),
+}
+
+
+def check_call(kernel, **arrays):
+    """Check kind, dtype, dimensions, layout and writability of a kernel's array arguments.
+
+    Arguments are checked in signature order; the first float array fixes the
+    dtype that all others must share. Returns that dtype.
+    """
+    dtype = None
+    for name, ndim, role in KERNEL_ARRAYS[kernel]:
+        a = arrays[name]
+        if role == "labels":
+            _check_array(name, a, ndim, LABEL_DTYPE, False)
+        elif not (a is None and role == "out"):
+            _check_array(name, a, ndim, dtype, role == "out")
+            dtype = a.dtype
+    return dtype
+
+
+def shape_error(name, expected, actual):
+    """The error for an argument of the wrong shape (`expected` may hold None for 'any')."""
+    shown = "(" + ", ".join("n" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+    return ValueError(f"{name} has shape {tuple(actual)}; expected {shown}")
+
+
+def check_shape(name, a, expected):
+    """Raise unless ``a.shape`` matches `expected` (None entries match any size)."""
+    if len(a.shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, a.shape)):
+        raise shape_error(name, expected, a.shape)
+
+
+def overlap_error(out_name, other_name):
+    return ValueError(f"{out_name} overlaps {other_name} in memory; outputs must not alias other arguments")
+
+
+def _bounds(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def check_no_overlap(out_name, out, others, allow_identical=False):
+    """Raise if `out` shares memory with any array of `others` ((name, array) pairs).
+
+    With `allow_identical`, an argument that is exactly the same memory as
+    `out` (same start and size) is allowed: elementwise kernels can run in place.
+    """
+    if out is None or out.nbytes == 0:
+        return
+    o0, o1 = _bounds(out)
+    for name, a in others:
+        if a is None or a.nbytes == 0:
+            continue
+        a0, a1 = _bounds(a)
+        if a0 < o1 and o0 < a1:
+            if allow_identical and (a0, a1) == (o0, o1):
+                continue
+            raise overlap_error(out_name, name)
+
+
+def empty_batch_error(name):
+    return ValueError(f"{name} has no samples; a loss needs at least one")
+
+
+def label_error(index, value, n_classes):
+    return ValueError(f"y[{index}] = {value} is not a class label in [0, {n_classes})")

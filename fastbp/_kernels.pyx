@@ -1,0 +1,658 @@
+"""Compiled kernels of fastbp: the fast twins of `fastbp.reference`.
+
+Every public function has the name, signature and semantics of its twin in
+`fastbp.reference` (read that module's docstrings for the formulas). Each is
+built in three tiers:
+
+1. a public ``def`` on Python objects that turns a failed argument conversion
+   into an error naming the argument (the same checks and messages as the
+   reference, in `fastbp._checks`);
+2. a private fused ``def`` over typed memoryviews, one body for float32 and
+   float64, that checks shapes, aliasing and BLAS limits, then releases the GIL;
+3. ``cdef ... noexcept nogil`` loops on raw pointers that assume valid input.
+
+GEMMs go through scipy's BLAS (`scipy.linalg.cython_blas`); everything else is
+fused loops over row pointers.
+"""
+
+from cython cimport floating
+from libc.limits cimport INT_MAX
+from libc.math cimport exp, expf, fabs, isfinite, log, log1p, log1pf, logf, tanh, tanhf
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+from fastbp._checks import (
+    ACTIVATIONS,
+    LEAKY_RELU_SLOPE,
+    OUTPUT_ACTIVATIONS,
+    check_call,
+    check_choice,
+    empty_batch_error,
+    label_error,
+    overlap_error,
+    shape_error,
+)
+
+cdef extern from *:
+    """
+    #ifndef FASTBP_DEBUG
+    #define FASTBP_DEBUG 0
+    #endif
+    """
+    int FASTBP_DEBUG
+
+#: True when built with FASTBP_CYTHON_DEBUG=1 (bounds and initialisation checks on).
+DEBUG_BUILD = bool(FASTBP_DEBUG)
+
+__all__ = [
+    "dense_forward",
+    "activation_backward",
+    "dense_backward",
+    "softmax",
+    "softmax_cross_entropy",
+    "mean_squared_error",
+    "binary_cross_entropy_with_logits",
+    "sgd_update",
+    "all_finite",
+]
+
+# Activation codes, in the order of fastbp._checks.ACTIVATIONS.
+cdef enum:
+    IDENTITY = 0
+    SIGMOID = 1
+    TANH = 2
+    RELU = 3
+    LEAKY_RELU = 4
+
+
+# A C copy of the Python constant, readable without the GIL.
+cdef double _LEAKY_SLOPE = LEAKY_RELU_SLOPE
+
+
+cdef int _activation_code(activation, choices) except -1:
+    check_choice("activation", activation, choices)
+    return ACTIVATIONS.index(activation)
+
+
+# ---------------------------------------------------------------------------
+# Scalar helpers: one body for both dtypes.
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _log(floating x) noexcept nogil:
+    if floating is float:
+        return logf(x)
+    else:
+        return log(x)
+
+
+cdef inline floating _sigmoid(floating z) noexcept nogil:
+    # exp of a non-positive number never overflows; the two forms are equal.
+    cdef floating e
+    if z >= 0:
+        return 1 / (1 + _exp(-z))
+    e = _exp(z)
+    return e / (1 + e)
+
+
+cdef inline floating _activate(floating z, int act) noexcept nogil:
+    if act == SIGMOID:
+        return _sigmoid(z)
+    if act == TANH:
+        if floating is float:
+            return tanhf(z)
+        else:
+            return tanh(z)
+    if act == RELU:
+        return 0 if z < 0 else z  # NaN passes through, as in PyTorch
+    if act == LEAKY_RELU:
+        return z if z > 0 else z * <floating>_LEAKY_SLOPE
+    return z
+
+
+cdef inline floating _derivative_from_output(floating a, int act) noexcept nogil:
+    if act == SIGMOID:
+        return a * (1 - a)
+    if act == TANH:
+        return 1 - a * a
+    if act == RELU:
+        return 1 if a > 0 else 0
+    if act == LEAKY_RELU:
+        return 1 if a > 0 else <floating>_LEAKY_SLOPE
+    return 1
+
+
+# ---------------------------------------------------------------------------
+# Checks that need the typed views.
+
+cdef inline bint _overlap(const void* a, size_t na, const void* b, size_t nb,
+                          bint allow_identical) noexcept:
+    """Whether byte ranges [a, a + na) and [b, b + nb) share memory."""
+    cdef const char* ca = <const char*>a
+    cdef const char* cb = <const char*>b
+    if na == 0 or nb == 0 or a == NULL or b == NULL:
+        return False
+    if ca < cb + nb and cb < ca + na:
+        return not (allow_identical and ca == cb and na == nb)
+    return False
+
+
+cdef int _check_blas_size(str name, Py_ssize_t size) except -1:
+    if size > INT_MAX:
+        raise ValueError(f"{name} = {size} exceeds the BLAS limit of {INT_MAX}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# BLAS
+
+cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
+                const floating* A, int lda, const floating* B, int ldb, floating beta,
+                floating* C, int ldc) noexcept nogil:
+    """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T'.
+
+    BLAS is column-major and a row-major matrix is its transpose there, so we
+    ask BLAS for ``C.T = op(B).T @ op(A).T``: operands swapped, flags unchanged.
+    Zero-sized products are handled here, since BLAS rejects ld = 0.
+    """
+    cdef Py_ssize_t i, j
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        for i in range(M):
+            for j in range(N):
+                C[i * ldc + j] = 0 if beta == 0 else beta * C[i * ldc + j]
+        return
+    if floating is float:
+        sgemm(&transb, &transa, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda,
+              &beta, C, &ldc)
+    else:
+        dgemm(&transb, &transa, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda,
+              &beta, C, &ldc)
+
+
+# ---------------------------------------------------------------------------
+# dense_forward
+
+cdef void _bias_activation(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
+                           int act) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef floating* zr
+    for i in range(n):
+        zr = Z + i * m
+        for j in range(m):
+            zr[j] = _activate(zr[j] + b[j], act)
+
+
+def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
+                   const floating[::1] b, int act, floating[:, ::1] out):
+    cdef Py_ssize_t n = X.shape[0], n_in = X.shape[1], n_out = W.shape[0]
+    if W.shape[1] != n_in:
+        raise shape_error("W", (None, n_in), (W.shape[0], W.shape[1]))
+    if b.shape[0] != n_out:
+        raise shape_error("b", (n_out,), (b.shape[0],))
+    if out.shape[0] != n or out.shape[1] != n_out:
+        raise shape_error("out", (n, n_out), (out.shape[0], out.shape[1]))
+    if n == 0 or n_out == 0:
+        return
+    cdef size_t s = sizeof(floating)
+    cdef const floating* pX = &X[0, 0] if n_in else NULL
+    cdef const floating* pW = &W[0, 0] if n_in else NULL
+    cdef floating* pout = &out[0, 0]
+    for name, p, size in (("X", <size_t>pX, n * n_in), ("W", <size_t>pW, n_out * n_in),
+                          ("b", <size_t>&b[0], n_out)):
+        if _overlap(pout, n * n_out * s, <void*><size_t>p, size * s, False):
+            raise overlap_error("out", name)
+    for name, size in (("n", n), ("n_in", n_in), ("n_out", n_out)):
+        _check_blas_size(name, size)
+    with nogil:
+        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, pX, <int>n_in, pW, <int>n_in,
+              0, pout, <int>n_out)
+        _bias_activation(pout, &b[0], n, n_out, act)
+
+
+def dense_forward(X, W, b, activation, out):
+    """Dense layer with bias and activation: ``out = act(X @ W.T + b)``.
+
+    X (n, n_in), W (n_out, n_in), b (n_out,), out (n, n_out); see
+    `fastbp.reference.dense_forward`.
+    """
+    cdef int act = _activation_code(activation, ACTIVATIONS)
+    try:
+        _dense_forward(X, W, b, act, out)
+    except (TypeError, ValueError):
+        check_call("dense_forward", X=X, W=W, b=b, out=out)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------
+# activation_backward
+
+cdef void _activation_backward_loop(const floating* A, const floating* dA, floating* out,
+                                    Py_ssize_t size, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(size):
+        out[i] = dA[i] * _derivative_from_output(A[i], act)
+
+
+def _activation_backward(const floating[:, ::1] A, const floating[:, ::1] dA, int act,
+                         floating[:, ::1] out):
+    cdef Py_ssize_t n = A.shape[0], m = A.shape[1]
+    if dA.shape[0] != n or dA.shape[1] != m:
+        raise shape_error("dA", (n, m), (dA.shape[0], dA.shape[1]))
+    if out.shape[0] != n or out.shape[1] != m:
+        raise shape_error("out", (n, m), (out.shape[0], out.shape[1]))
+    if n == 0 or m == 0:
+        return
+    cdef size_t nbytes = n * m * sizeof(floating)
+    if _overlap(&out[0, 0], nbytes, &A[0, 0], nbytes, True):
+        raise overlap_error("out", "A")
+    if _overlap(&out[0, 0], nbytes, &dA[0, 0], nbytes, True):
+        raise overlap_error("out", "dA")
+    with nogil:
+        _activation_backward_loop(&A[0, 0], &dA[0, 0], &out[0, 0], n * m, act)
+
+
+def activation_backward(A, dA, activation, out):
+    """Gradient through an activation, from its output: ``out = dA * act'(A)``.
+
+    A, dA, out (n, m); out may be dA. See `fastbp.reference.activation_backward`.
+    """
+    cdef int act = _activation_code(activation, ACTIVATIONS)
+    try:
+        _activation_backward(A, dA, act, out)
+    except (TypeError, ValueError):
+        check_call("activation_backward", A=A, dA=dA, out=out)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------
+# dense_backward
+
+cdef void _column_sums(const floating* M, floating* out, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef const floating* row
+    memset(out, 0, m * sizeof(floating))
+    for i in range(n):
+        row = M + i * m
+        for j in range(m):
+            out[j] += row[j]
+
+
+def _dense_backward(const floating[:, ::1] dZ, const floating[:, ::1] X,
+                    const floating[:, ::1] W, floating[:, ::1] dW, floating[::1] db,
+                    floating[:, ::1] dX=None):
+    cdef Py_ssize_t n = dZ.shape[0], n_out = dZ.shape[1], n_in = X.shape[1]
+    cdef bint want_dX = dX is not None
+    if X.shape[0] != n:
+        raise shape_error("X", (n, None), (X.shape[0], X.shape[1]))
+    if W.shape[0] != n_out or W.shape[1] != n_in:
+        raise shape_error("W", (n_out, n_in), (W.shape[0], W.shape[1]))
+    if dW.shape[0] != n_out or dW.shape[1] != n_in:
+        raise shape_error("dW", (n_out, n_in), (dW.shape[0], dW.shape[1]))
+    if db.shape[0] != n_out:
+        raise shape_error("db", (n_out,), (db.shape[0],))
+    if want_dX and (dX.shape[0] != n or dX.shape[1] != n_in):
+        raise shape_error("dX", (n, n_in), (dX.shape[0], dX.shape[1]))
+    cdef size_t s = sizeof(floating)
+    cdef const floating* pdZ = &dZ[0, 0] if n and n_out else NULL
+    cdef const floating* pX = &X[0, 0] if n and n_in else NULL
+    cdef const floating* pW = &W[0, 0] if n_out and n_in else NULL
+    cdef floating* pdW = &dW[0, 0] if n_out and n_in else NULL
+    cdef floating* pdb = &db[0] if n_out else NULL
+    cdef floating* pdX = &dX[0, 0] if want_dX and n and n_in else NULL
+    # (output name, pointer, bytes) and (input name, pointer, bytes): outputs
+    # must not overlap the inputs nor each other.
+    outputs = (("dW", <size_t>pdW, n_out * n_in * s), ("db", <size_t>pdb, n_out * s),
+               ("dX", <size_t>pdX, n * n_in * s))
+    inputs = (("dZ", <size_t>pdZ, n * n_out * s), ("X", <size_t>pX, n * n_in * s),
+              ("W", <size_t>pW, n_out * n_in * s))
+    for k, (oname, op, obytes) in enumerate(outputs):
+        for iname, ip, ibytes in inputs + outputs[k + 1:]:
+            if _overlap(<void*><size_t>op, obytes, <void*><size_t>ip, ibytes, False):
+                raise overlap_error(oname, iname)
+    for name, size in (("n", n), ("n_in", n_in), ("n_out", n_out)):
+        _check_blas_size(name, size)
+    with nogil:
+        # dW (n_out x n_in) = dZ.T @ X
+        _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, pdZ, <int>n_out, pX, <int>n_in,
+              0, pdW, <int>n_in)
+        if n_out:
+            _column_sums(pdZ, pdb, n, n_out)
+        if want_dX:
+            # dX (n x n_in) = dZ @ W
+            _gemm(c'N', c'N', <int>n, <int>n_in, <int>n_out, 1, pdZ, <int>n_out, pW, <int>n_in,
+                  0, pdX, <int>n_in)
+
+
+def dense_backward(dZ, X, W, dW, db, dX=None):
+    """Gradients of a dense layer: ``dW = dZ.T @ X``, ``db = dZ.sum(0)``, ``dX = dZ @ W``.
+
+    dZ (n, n_out), X (n, n_in), W and dW (n_out, n_in), db (n_out,), dX (n, n_in)
+    or None. See `fastbp.reference.dense_backward`.
+    """
+    try:
+        _dense_backward(dZ, X, W, dW, db, dX)
+    except (TypeError, ValueError):
+        check_call("dense_backward", dZ=dZ, X=X, W=W, dW=dW, db=db, dX=dX)
+        raise
+    return dW, db, dX
+
+
+# ---------------------------------------------------------------------------
+# softmax and softmax_cross_entropy
+
+cdef floating _softmax_row(const floating* z, floating* out, Py_ssize_t k) noexcept nogil:
+    """out = exp(z - max(z)) / sum; returns log(sum(exp(z))). out may be z; may be NULL."""
+    cdef Py_ssize_t j
+    cdef floating m = z[0], s = 0, e
+    for j in range(1, k):
+        if z[j] > m:
+            m = z[j]
+    if out == NULL:
+        for j in range(k):
+            s += _exp(z[j] - m)
+    else:
+        for j in range(k):
+            e = _exp(z[j] - m)
+            out[j] = e
+            s += e
+        for j in range(k):
+            out[j] = out[j] / s
+    return _log(s) + m
+
+
+def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):
+    cdef Py_ssize_t n = Z.shape[0], k = Z.shape[1], i
+    if k == 0:
+        raise ValueError(f"Z has shape {(n, k)}; expected at least one column")
+    if out.shape[0] != n or out.shape[1] != k:
+        raise shape_error("out", (n, k), (out.shape[0], out.shape[1]))
+    if n == 0:
+        return
+    cdef size_t nbytes = n * k * sizeof(floating)
+    if _overlap(&out[0, 0], nbytes, &Z[0, 0], nbytes, True):
+        raise overlap_error("out", "Z")
+    with nogil:
+        for i in range(n):
+            _softmax_row(&Z[i, 0], &out[i, 0], k)
+
+
+def softmax(Z, out):
+    """Row-wise softmax ``out = exp(Z - max) / sum(exp(Z - max))``; Z, out (n, k).
+
+    See `fastbp.reference.softmax`.
+    """
+    try:
+        _softmax(Z, out)
+    except (TypeError, ValueError):
+        check_call("softmax", Z=Z, out=out)
+        raise
+    return out
+
+
+cdef Py_ssize_t _first_bad_label(const int64_t* y, Py_ssize_t n, int64_t k) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if y[i] < 0 or y[i] >= k:
+            return i
+    return -1
+
+
+cdef double _cross_entropy_loop(const floating* Z, const int64_t* y, floating* dZ,
+                                Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef double total = 0
+    cdef floating zy, lse
+    cdef floating inv_n = 1 / <floating>n
+    cdef floating* dzr = NULL
+    for i in range(n):
+        zy = Z[i * k + y[i]]  # read before dZ (which may be Z) is written
+        if dZ != NULL:
+            dzr = dZ + i * k
+        lse = _softmax_row(Z + i * k, dzr, k)
+        total += <double>(lse - zy)
+        if dZ != NULL:
+            dzr[y[i]] -= 1
+            for j in range(k):
+                dzr[j] *= inv_n
+    return total / n
+
+
+def _softmax_cross_entropy(const floating[:, ::1] Z, const int64_t[::1] y,
+                           floating[:, ::1] dZ=None):
+    cdef Py_ssize_t n = Z.shape[0], k = Z.shape[1]
+    cdef bint want_dZ = dZ is not None
+    if k == 0:
+        raise ValueError(f"Z has shape {(n, k)}; expected at least one column")
+    if y.shape[0] != n:
+        raise shape_error("y", (n,), (y.shape[0],))
+    if want_dZ and (dZ.shape[0] != n or dZ.shape[1] != k):
+        raise shape_error("dZ", (n, k), (dZ.shape[0], dZ.shape[1]))
+    if n == 0:
+        raise empty_batch_error("Z")
+    cdef size_t nbytes = n * k * sizeof(floating)
+    cdef floating* pdZ = &dZ[0, 0] if want_dZ else NULL
+    if _overlap(pdZ, nbytes, &Z[0, 0], nbytes, True):
+        raise overlap_error("dZ", "Z")
+    cdef Py_ssize_t bad = -1
+    cdef double loss = 0
+    with nogil:
+        bad = _first_bad_label(&y[0], n, k)
+        if bad < 0:
+            loss = _cross_entropy_loop(&Z[0, 0], &y[0], pdZ, n, k)
+    if bad >= 0:
+        raise label_error(bad, y[bad], k)
+    return loss
+
+
+def softmax_cross_entropy(Z, y, dZ=None):
+    """Softmax cross-entropy of int64 labels, mean over samples, and its gradient.
+
+    Z and dZ (n, k), y (n,); returns the loss. See
+    `fastbp.reference.softmax_cross_entropy`.
+    """
+    try:
+        return _softmax_cross_entropy(Z, y, dZ)
+    except (TypeError, ValueError):
+        check_call("softmax_cross_entropy", Z=Z, y=y, dZ=dZ)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# mean_squared_error and binary_cross_entropy_with_logits
+
+cdef double _mse_loop(const floating* A, const floating* Y, floating* dZ, Py_ssize_t size,
+                      int act) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double total = 0
+    cdef floating r, a
+    cdef floating scale = <floating>(2.0 / size)
+    for i in range(size):
+        a = A[i]
+        r = a - Y[i]
+        total += <double>(r * r)
+        if dZ != NULL:
+            dZ[i] = r * scale * _derivative_from_output(a, act)
+    return total / size
+
+
+cdef double _bce_loop(const floating* Z, const floating* Y, floating* dZ,
+                      Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double total = 0
+    cdef floating z, t, inv_size = 1 / <floating>size
+    for i in range(size):
+        z = Z[i]
+        t = Y[i]
+        # max(z, 0) - z t + log(1 + exp(-|z|)): no overflow for any finite z
+        total += <double>((z if z > 0 else 0) - z * t)
+        if floating is float:
+            total += <double>log1pf(_exp(-fabs(z)))
+        else:
+            total += log1p(_exp(-fabs(z)))
+        if dZ != NULL:
+            dZ[i] = (_sigmoid(z) - t) * inv_size
+    return total / size
+
+
+def _elementwise_loss(str kernel, const floating[:, ::1] P, const floating[:, ::1] Y,
+                      int act, floating[:, ::1] dZ=None):
+    """Shared checks of the two elementwise losses; P is A (mse) or Z (bce)."""
+    cdef Py_ssize_t n = P.shape[0], k = P.shape[1]
+    cdef bint want_dZ = dZ is not None
+    pname = "A" if kernel == "mean_squared_error" else "Z"
+    if Y.shape[0] != n or Y.shape[1] != k:
+        raise shape_error("Y", (n, k), (Y.shape[0], Y.shape[1]))
+    if want_dZ and (dZ.shape[0] != n or dZ.shape[1] != k):
+        raise shape_error("dZ", (n, k), (dZ.shape[0], dZ.shape[1]))
+    if n == 0:
+        raise empty_batch_error(pname)
+    if k == 0:
+        return float("nan")  # the mean of no elements, as NumPy and PyTorch give
+    cdef size_t nbytes = n * k * sizeof(floating)
+    cdef floating* pdZ = &dZ[0, 0] if want_dZ else NULL
+    if _overlap(pdZ, nbytes, &P[0, 0], nbytes, True):
+        raise overlap_error("dZ", pname)
+    if _overlap(pdZ, nbytes, &Y[0, 0], nbytes, True):
+        raise overlap_error("dZ", "Y")
+    cdef double loss
+    cdef bint is_mse = kernel == "mean_squared_error"
+    with nogil:
+        if is_mse:
+            loss = _mse_loop(&P[0, 0], &Y[0, 0], pdZ, n * k, act)
+        else:
+            loss = _bce_loop(&P[0, 0], &Y[0, 0], pdZ, n * k)
+    return loss
+
+
+def mean_squared_error(A, Y, activation, dZ=None):
+    """Mean squared error over all elements, and the gradient before the output activation.
+
+    A = act(Z), Y and dZ (n, k); returns the loss. See
+    `fastbp.reference.mean_squared_error`.
+    """
+    cdef int act = _activation_code(activation, OUTPUT_ACTIVATIONS)
+    try:
+        return _elementwise_loss("mean_squared_error", A, Y, act, dZ)
+    except (TypeError, ValueError):
+        check_call("mean_squared_error", A=A, Y=Y, dZ=dZ)
+        raise
+
+
+def binary_cross_entropy_with_logits(Z, Y, dZ=None):
+    """Binary cross-entropy from logits, mean over all elements, and its gradient.
+
+    Z, Y and dZ (n, k); returns the loss. See
+    `fastbp.reference.binary_cross_entropy_with_logits`.
+    """
+    try:
+        return _elementwise_loss("binary_cross_entropy_with_logits", Z, Y, IDENTITY, dZ)
+    except (TypeError, ValueError):
+        check_call("binary_cross_entropy_with_logits", Z=Z, Y=Y, dZ=dZ)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# sgd_update
+
+cdef void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
+                    floating lr, floating momentum, floating dampening_complement,
+                    bint nesterov, floating weight_decay, bint maximize,
+                    bint first_step) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating g
+    for i in range(size):
+        g = -grad[i] if maximize else grad[i]
+        if weight_decay != 0:
+            g = g + weight_decay * param[i]
+        if buf != NULL:
+            if first_step:
+                buf[i] = g
+            else:
+                buf[i] = buf[i] * momentum + dampening_complement * g
+            g = g + momentum * buf[i] if nesterov else buf[i]
+        param[i] = param[i] - lr * g
+
+
+def _sgd_update(floating[::1] param, const floating[::1] grad,
+                floating[::1] momentum_buffer, double lr, double momentum, double dampening,
+                bint nesterov, double weight_decay, bint maximize, bint first_step):
+    cdef Py_ssize_t size = param.shape[0]
+    cdef size_t nbytes = size * sizeof(floating)
+    if grad.shape[0] != size:
+        raise shape_error("grad", (size,), (grad.shape[0],))
+    if momentum != 0:
+        if momentum_buffer is None:
+            raise ValueError("momentum_buffer is required when momentum is not 0")
+        if momentum_buffer.shape[0] != size:
+            raise shape_error("momentum_buffer", (size,), (momentum_buffer.shape[0],))
+    if size == 0:
+        return
+    cdef floating* pbuf = NULL
+    if momentum_buffer is not None and momentum_buffer.shape[0]:
+        pbuf = &momentum_buffer[0]
+        if _overlap(&param[0], nbytes, pbuf, momentum_buffer.shape[0] * sizeof(floating), False):
+            raise overlap_error("param", "momentum_buffer")
+    if _overlap(&param[0], nbytes, &grad[0], nbytes, False):
+        raise overlap_error("param", "grad")
+    if _overlap(pbuf, nbytes, &grad[0], nbytes, False):
+        raise overlap_error("momentum_buffer", "grad")
+    if momentum == 0:
+        pbuf = NULL
+    with nogil:
+        _sgd_loop(&param[0], &grad[0], pbuf, size, <floating>lr, <floating>momentum,
+                  <floating>(1 - dampening), nesterov, <floating>weight_decay, maximize,
+                  first_step)
+
+
+def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
+               nesterov=False, weight_decay=0.0, maximize=False, first_step=False):
+    """One in-place step of ``torch.optim.SGD`` on a flat parameter buffer.
+
+    param, grad, momentum_buffer (p,); see `fastbp.reference.sgd_update`.
+    """
+    try:
+        _sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, nesterov,
+                    weight_decay, maximize, first_step)
+    except (TypeError, ValueError):
+        check_call("sgd_update", param=param, grad=grad, momentum_buffer=momentum_buffer)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# all_finite
+
+cdef bint _all_finite_loop(const floating* x, Py_ssize_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating acc = 0
+    # x * 0 is 0 for finite x and NaN for inf or NaN: one branch-free pass.
+    for i in range(size):
+        acc += x[i] * 0
+    return acc == 0
+
+
+def _all_finite(const floating[::1] x):
+    cdef bint ok = True
+    if x.shape[0] == 0:
+        return True
+    with nogil:
+        ok = _all_finite_loop(&x[0], x.shape[0])
+    return ok
+
+
+def all_finite(x):
+    """True if no element of `x` (shape (p,)) is NaN or infinite."""
+    try:
+        return _all_finite(x)
+    except (TypeError, ValueError):
+        check_call("all_finite", x=x)
+        raise

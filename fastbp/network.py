@@ -1,0 +1,335 @@
+"""The multi-layer perceptron: parameters in one flat buffer, a reusable workspace,
+forward, gradients and a training step, on either kernel backend."""
+
+import numbers
+
+import numpy as np
+
+from ._backend import get_backend
+from ._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS, check_choice
+from .init import check_init, initial_parameters
+from .optim import Optimizer
+
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
+
+# forward() runs through the workspace in chunks of at most this many rows, so
+# that predicting on a large array does not grow the workspace to its size.
+_FORWARD_CHUNK = 4096
+
+
+def _check_sizes(sizes):
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise TypeError(f"sizes must be a sequence of layer widths, got {type(sizes).__name__}") from None
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must give at least an input and an output width, got {sizes}")
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"sizes must be positive integers, got {sizes}")
+    return tuple(int(s) for s in sizes)
+
+
+def _check_dtype(dtype):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _as_numeric(a, name):
+    """`a` as an ndarray of real numbers (any int, float or bool dtype), without copying."""
+    try:
+        a = np.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} cannot be read as an array: {exc}") from None
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} has dtype {a.dtype}; expected real numbers")
+    return a
+
+
+class MLP:
+    """A dense feed-forward network trained by backpropagation.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths, input first: ``[64, 32, 10]`` has one hidden layer of 32.
+    activation : str or sequence of str, default "relu"
+        Hidden-layer activation: one name for all, or one per hidden layer, of
+        "identity", "sigmoid", "tanh", "relu", "leaky_relu" (slope 0.01).
+    loss : {"cross_entropy", "mse", "binary_cross_entropy"}, default "cross_entropy"
+        cross_entropy: softmax outputs, integer labels, mean over samples.
+        mse: mean over all elements, float targets of shape (n, n_out).
+        binary_cross_entropy: sigmoid outputs (from logits), float targets in
+        [0, 1] of shape (n, n_out), mean over all elements.
+    output : {"identity", "sigmoid", "tanh"}, optional
+        Output activation, only with loss="mse" (default "identity").
+    init : str or callable, default "torch"
+        See `fastbp.init`: "torch" (U(-1/sqrt(n_in), 1/sqrt(n_in)) for W and b,
+        as `nn.Linear`), "glorot_uniform" ("glorot"), "glorot_normal",
+        "he_uniform", "he_normal" ("he"), "lecun_normal", or
+        ``init(n_in, n_out, rng) -> (W, b)``.
+    dtype : float32 or float64, default float32
+    seed : int, numpy.random.Generator or None
+        Seeds the network's own random generator (initialisation).
+    backend : {"cython", "numpy"}, default "cython"
+        The compiled kernels or their NumPy specification.
+
+    Attributes
+    ----------
+    params : ndarray, shape (n_params,)
+        Every parameter, layer by layer, W then b.
+    weights : list of ndarray
+        ``weights[l]`` is a view into `params` of shape (sizes[l+1], sizes[l]).
+    biases : list of ndarray
+        ``biases[l]`` is a view into `params` of shape (sizes[l+1],).
+    """
+
+    def __init__(self, sizes, activation="relu", loss="cross_entropy", *, output=None,
+                 init="torch", dtype=np.float32, seed=None, backend="cython"):
+        sizes = _check_sizes(sizes)
+        n_hidden = len(sizes) - 2
+        if isinstance(activation, str):
+            activations = (activation,) * n_hidden
+            check_choice("activation", activation, ACTIVATIONS)
+        else:
+            try:
+                activations = tuple(activation)
+            except TypeError:
+                raise TypeError("activation must be a name or a sequence of names") from None
+            if len(activations) != n_hidden:
+                raise ValueError(f"activation lists {len(activations)} names for {n_hidden} hidden layers")
+            for a in activations:
+                check_choice("activation", a, ACTIVATIONS)
+        check_choice("loss", loss, LOSSES)
+        if loss == "mse":
+            output = check_choice("output", "identity" if output is None else output, OUTPUT_ACTIVATIONS)
+        elif output is not None:
+            raise ValueError(f"output= applies only to loss='mse'; loss {loss!r} fixes its own output")
+        init = check_init(init)
+        self.dtype = _check_dtype(dtype)
+        self._kernels = get_backend(backend)
+        self.backend = backend
+        self.sizes = sizes
+        self.activations = activations
+        self.loss = loss
+        self.output = output
+        self._rng = np.random.default_rng(seed)
+
+        # One flat buffer; each W and b is a view into it (DESIGN.md, contract 7).
+        self.params = np.empty(self.n_params, dtype=self.dtype)
+        self.weights, self.biases = self._layer_views(self.params)
+        for (W0, b0), W, b in zip(initial_parameters(init, sizes, self._rng), self.weights, self.biases):
+            W[...] = W0
+            b[...] = b0
+        self._grad = np.empty_like(self.params)
+        self._grad_weights, self._grad_biases = self._layer_views(self._grad)
+        # Layer activations during training: logits for the two classification losses.
+        self._train_activations = activations + (output or "identity",)
+        self._capacity = 0
+        self._workspace_rows = None
+
+    # -- structure ---------------------------------------------------------
+
+    @property
+    def n_layers(self):
+        """Number of weight layers."""
+        return len(self.sizes) - 1
+
+    @property
+    def n_features(self):
+        return self.sizes[0]
+
+    @property
+    def n_outputs(self):
+        return self.sizes[-1]
+
+    @property
+    def n_params(self):
+        return sum((n_in + 1) * n_out for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def _layer_views(self, flat):
+        """Views (W list, b list) into a flat array with the parameter layout."""
+        weights, biases, offset = [], [], 0
+        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
+            weights.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
+            offset += n_out * n_in
+            biases.append(flat[offset:offset + n_out])
+            offset += n_out
+        return weights, biases
+
+    def __repr__(self):
+        act = self.activations[0] if len(set(self.activations)) == 1 else list(self.activations)
+        extra = f", output={self.output!r}" if self.loss == "mse" else ""
+        return (f"MLP({list(self.sizes)}, activation={act!r}, loss={self.loss!r}{extra}, "
+                f"dtype={self.dtype.name}, backend={self.backend!r})")
+
+    # -- input checks (all before any state changes) -----------------------
+
+    def _as_input(self, X):
+        X = _as_numeric(X, "X")
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, {self.n_features}), got shape {X.shape}")
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"X has {X.shape[1]} features, but the network expects {self.n_features}")
+        X = np.ascontiguousarray(X, dtype=self.dtype)
+        if not self._kernels.all_finite(X.reshape(-1)):
+            raise ValueError("X contains NaN or infinity")
+        return X
+
+    def _as_targets(self, y, n):
+        name = "y"
+        if self.loss == "cross_entropy":
+            y = np.asarray(y)
+            if y.dtype.kind not in "iu":
+                raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if y.ndim != 1:
+                raise ValueError(f"y must be 1-D class labels of shape (n_samples,), got shape {y.shape}")
+            if y.shape[0] != n:
+                raise ValueError(f"X has {n} samples but y has {y.shape[0]}")
+            bad = np.flatnonzero((y < 0) | (y >= self.n_outputs))
+            if bad.size:
+                raise ValueError(f"y[{bad[0]}] = {y[bad[0]]} is not a class label in [0, {self.n_outputs})")
+            return np.ascontiguousarray(y, dtype=np.int64)
+        Y = _as_numeric(y, name)
+        if Y.ndim == 1 and self.n_outputs == 1:
+            Y = Y.reshape(-1, 1)
+        if Y.ndim != 2 or Y.shape[1] != self.n_outputs:
+            raise ValueError(f"y must have shape (n_samples, {self.n_outputs}), got {Y.shape}")
+        if Y.shape[0] != n:
+            raise ValueError(f"X has {n} samples but y has {Y.shape[0]}")
+        Y = np.ascontiguousarray(Y, dtype=self.dtype)
+        if not self._kernels.all_finite(Y.reshape(-1)):
+            raise ValueError("y contains NaN or infinity")
+        if self.loss == "binary_cross_entropy" and Y.size and (Y.min() < 0 or Y.max() > 1):
+            raise ValueError("binary_cross_entropy targets must lie in [0, 1]")
+        return Y
+
+    def _as_batch(self, X, y):
+        X = self._as_input(X)
+        y = self._as_targets(y, X.shape[0])
+        if X.shape[0] == 0:
+            raise ValueError("X has no samples; training needs at least one")
+        return X, y
+
+    def _check_optimizer(self, optimizer):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a fastbp optimizer such as fastbp.SGD, got {type(optimizer).__name__}")
+        if optimizer.params is not self.params:
+            raise ValueError("optimizer was built on another parameter array; "
+                             "build it on this network's: fastbp.SGD(net.params, ...)")
+
+    # -- computation -------------------------------------------------------
+
+    def _workspace(self, n):
+        """Activation and delta buffers for a batch of n rows (grown, never shrunk)."""
+        if n > self._capacity:
+            widths = self.sizes[1:]
+            self._activations_buf = [np.empty((n, w), self.dtype) for w in widths]
+            self._deltas_buf = [np.empty((n, w), self.dtype) for w in widths]
+            self._capacity = n
+            self._workspace_rows = None
+        if self._workspace_rows != n:
+            # A leading block of rows of a C-contiguous array is C-contiguous.
+            self._workspace_views = ([a[:n] for a in self._activations_buf],
+                                     [d[:n] for d in self._deltas_buf])
+            self._workspace_rows = n
+        return self._workspace_views
+
+    def forward(self, X):
+        """Outputs of the network for a batch.
+
+        Parameters
+        ----------
+        X : array_like, shape (n, n_features)
+
+        Returns
+        -------
+        ndarray, shape (n, n_outputs)
+            Class probabilities (softmax) for cross_entropy, probabilities
+            (sigmoid) for binary_cross_entropy, outputs for mse.
+        """
+        X = self._as_input(X)
+        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
+        k = self._kernels
+        last = self.n_layers - 1
+        final = "sigmoid" if self.loss == "binary_cross_entropy" else self._train_activations[-1]
+        for start in range(0, X.shape[0], _FORWARD_CHUNK):
+            stop = min(start + _FORWARD_CHUNK, X.shape[0])
+            acts, _ = self._workspace(stop - start)
+            prev = X[start:stop]
+            for l in range(last):
+                k.dense_forward(prev, self.weights[l], self.biases[l], self.activations[l], acts[l])
+                prev = acts[l]
+            block = out[start:stop]
+            k.dense_forward(prev, self.weights[last], self.biases[last], final, block)
+            if self.loss == "cross_entropy":
+                k.softmax(block, block)
+        return out
+
+    def _loss_and_gradients(self, X, y, grad_weights, grad_biases):
+        """Forward, loss and backward on a validated batch; fills the gradient views."""
+        k = self._kernels
+        acts, deltas = self._workspace(X.shape[0])
+        prev = X
+        for l in range(self.n_layers):
+            k.dense_forward(prev, self.weights[l], self.biases[l], self._train_activations[l], acts[l])
+            prev = acts[l]
+        if self.loss == "cross_entropy":
+            loss = k.softmax_cross_entropy(acts[-1], y, deltas[-1])
+        elif self.loss == "mse":
+            loss = k.mean_squared_error(acts[-1], y, self.output, deltas[-1])
+        else:
+            loss = k.binary_cross_entropy_with_logits(acts[-1], y, deltas[-1])
+        for l in range(self.n_layers - 1, -1, -1):
+            if l == 0:
+                k.dense_backward(deltas[0], X, self.weights[0], grad_weights[0], grad_biases[0], None)
+            else:
+                k.dense_backward(deltas[l], acts[l - 1], self.weights[l], grad_weights[l],
+                                 grad_biases[l], deltas[l - 1])
+                k.activation_backward(acts[l - 1], deltas[l - 1], self.activations[l - 1],
+                                      deltas[l - 1])
+        return loss
+
+    def gradients(self, X, y):
+        """Mean loss and its gradients on a batch; the network is not changed.
+
+        Parameters
+        ----------
+        X : array_like, shape (n, n_features)
+        y : array_like
+            Integer labels of shape (n,) for cross_entropy; float targets of
+            shape (n, n_outputs) for mse and binary_cross_entropy.
+
+        Returns
+        -------
+        loss : float
+        dW : list of ndarray
+            Shaped like `weights`; views into one new flat gradient array.
+        db : list of ndarray
+            Shaped like `biases`.
+        """
+        X, y = self._as_batch(X, y)
+        grad = np.empty_like(self.params)
+        dW, db = self._layer_views(grad)
+        loss = self._loss_and_gradients(X, y, dW, db)
+        return loss, dW, db
+
+    def step(self, X, y, optimizer):
+        """One training step: forward, loss, backward, and an optimizer update.
+
+        Returns the mean loss before the update. If the loss or a gradient is
+        not finite, raises FloatingPointError and leaves the network unchanged.
+        """
+        self._check_optimizer(optimizer)
+        X, y = self._as_batch(X, y)
+        loss = self._loss_and_gradients(X, y, self._grad_weights, self._grad_biases)
+        if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
+            raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
+                                     "the network was not updated (lower the learning rate?)")
+        optimizer._apply(self._grad, optimizer._kernels or self._kernels)
+        return loss

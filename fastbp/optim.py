@@ -1,0 +1,144 @@
+"""Optimizers that update a flat parameter buffer in place, as `torch.optim` defines them."""
+
+import math
+import numbers
+
+import numpy as np
+
+from ._backend import get_backend
+from ._checks import FLOAT_DTYPES
+
+
+def _check_hyper(name, value, minimum=0.0):
+    """A finite real number >= minimum (None: any finite number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "a finite number" if minimum is None else f"a finite number >= {minimum:g}"
+        raise ValueError(f"invalid {name} {value!r}; expected {bound}")
+    return value
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class Optimizer:
+    """Base class: updates one flat parameter array in place.
+
+    Parameters
+    ----------
+    params : ndarray, shape (p,)
+        The parameters to update, usually ``net.params``: a writable,
+        C-contiguous float32 or float64 array (it is updated in place, so it
+        cannot be converted).
+    backend : {"cython", "numpy"} or None
+        The kernels that run the update. None runs on the backend of the
+        network whose `step` uses it, and on "cython" for a direct `update`.
+    """
+
+    def __init__(self, params, backend=None):
+        if not isinstance(params, np.ndarray):
+            raise TypeError(f"params must be a numpy.ndarray (e.g. net.params), got {type(params).__name__}")
+        if params.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"params has dtype {params.dtype}; expected float32 or float64")
+        if params.ndim != 1 or not params.flags.c_contiguous or not params.flags.writeable:
+            raise ValueError("params must be a writable, C-contiguous 1-D array (e.g. net.params)")
+        self.params = params
+        self.backend = backend
+        self._kernels = None if backend is None else get_backend(backend)
+        #: Number of updates made so far.
+        self.step_count = 0
+
+    def update(self, grad):
+        """One in-place update of the parameters from a flat gradient of the same layout.
+
+        Parameters
+        ----------
+        grad : array_like, shape (p,)
+            Converted once to the parameters' dtype. NaN or infinity raises
+            ValueError and leaves the parameters untouched.
+        """
+        grad = np.asarray(grad)
+        if grad.dtype.kind not in "biuf":
+            raise TypeError(f"grad has dtype {grad.dtype}; expected numbers")
+        if grad.shape != self.params.shape:
+            raise ValueError(f"grad has shape {grad.shape}; expected {self.params.shape} like params")
+        grad = np.ascontiguousarray(grad, dtype=self.params.dtype)
+        kernels = self._kernels or get_backend("cython")
+        if not kernels.all_finite(grad):
+            raise ValueError("grad contains NaN or infinity; the parameters were not updated")
+        self._apply(grad, kernels)
+
+    def _apply(self, grad, kernels):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, exactly ``torch.optim.SGD``.
+
+    With ``g = -grad if maximize else grad``, ``g += weight_decay * param``;
+    with momentum, ``buf = g`` on the first step, later
+    ``buf = momentum * buf + (1 - dampening) * g``, and ``g = g + momentum * buf``
+    (nesterov) or ``g = buf``; then ``param -= lr * g``.
+
+    Parameters
+    ----------
+    params : ndarray, shape (p,)
+        Usually ``net.params``.
+    lr : float, default 1e-3
+        Learning rate (>= 0); may be changed between updates.
+    momentum, dampening, weight_decay : float, default 0
+        momentum and weight_decay >= 0.
+    nesterov, maximize : bool, default False
+        Nesterov momentum needs momentum > 0 and dampening 0.
+    backend : {"cython", "numpy"} or None
+        See `Optimizer`.
+
+    Attributes
+    ----------
+    momentum_buffer : ndarray, shape (p,), or None
+        The momentum state (None without momentum).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
+                 weight_decay=0.0, maximize=False, *, backend=None):
+        lr = _check_hyper("lr", lr)
+        momentum = _check_hyper("momentum", momentum)
+        dampening = _check_hyper("dampening", dampening, minimum=None)
+        weight_decay = _check_hyper("weight_decay", weight_decay)
+        nesterov = _check_flag("nesterov", nesterov)
+        maximize = _check_flag("maximize", maximize)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        super().__init__(params, backend)
+        self._lr = lr
+        self.momentum = momentum
+        self.dampening = dampening
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.maximize = maximize
+        self.momentum_buffer = np.zeros_like(params) if momentum != 0 else None
+
+    @property
+    def lr(self):
+        """The learning rate; a new value is checked before it is taken."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _check_hyper("lr", value)
+
+    def _apply(self, grad, kernels):
+        kernels.sgd_update(self.params, grad, self.momentum_buffer, self._lr, self.momentum,
+                           self.dampening, self.nesterov, self.weight_decay, self.maximize,
+                           self.step_count == 0)
+        self.step_count += 1
+
+    def __repr__(self):
+        return (f"SGD(lr={self._lr:g}, momentum={self.momentum:g}, dampening={self.dampening:g}, "
+                f"nesterov={self.nesterov}, weight_decay={self.weight_decay:g}, "
+                f"maximize={self.maximize})")

@@ -1,0 +1,383 @@
+"""The kernels of fastbp in plain NumPy: the specification.
+
+Every public function here has a compiled twin in `fastbp._kernels` with the
+same name and signature; the tests compare the two, and this module is checked
+against central finite differences. It is written to be read: one formula a
+line, shapes in every docstring.
+
+Conventions shared by both backends
+-----------------------------------
+* Float arrays are float32 or float64, C-contiguous, and all float arguments
+  of one call share one dtype. Class labels are int64. Nothing is cast or
+  copied: a wrong argument raises TypeError/ValueError naming it.
+* Outputs (`out`, `dZ`, `dW`, ...) are overwritten, never accumulated into,
+  must have exactly the documented shape and be writable, and must not share
+  memory with another argument. Elementwise kernels (`activation_backward`,
+  `softmax` and the losses) may write in place over their input of the same
+  shape.
+* Shapes: ``n`` samples, a layer maps ``n_in`` features to ``n_out``; a weight
+  matrix ``W`` is ``(n_out, n_in)`` (PyTorch's `nn.Linear` layout).
+"""
+
+import numpy as np
+
+from ._checks import (
+    ACTIVATIONS,
+    LEAKY_RELU_SLOPE,
+    OUTPUT_ACTIVATIONS,
+    check_call,
+    check_choice,
+    check_no_overlap,
+    check_shape,
+    empty_batch_error,
+    label_error,
+)
+
+__all__ = [
+    "dense_forward",
+    "activation_backward",
+    "dense_backward",
+    "softmax",
+    "softmax_cross_entropy",
+    "mean_squared_error",
+    "binary_cross_entropy_with_logits",
+    "sgd_update",
+    "all_finite",
+]
+
+
+def _sigmoid(Z):
+    # exp(-|z|) never overflows; pick the algebraically equal form per sign.
+    e = np.exp(-np.abs(Z))
+    return np.where(Z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _activate(Z, activation):
+    """act(Z) as a new array."""
+    if activation == "identity":
+        return Z.copy()
+    if activation == "sigmoid":
+        return _sigmoid(Z)
+    if activation == "tanh":
+        return np.tanh(Z)
+    if activation == "relu":
+        return np.maximum(Z, 0)
+    return np.where(Z > 0, Z, Z * Z.dtype.type(LEAKY_RELU_SLOPE))  # leaky_relu
+
+
+def _derivative_from_output(A, activation):
+    """act'(z) written in terms of a = act(z)."""
+    one = A.dtype.type(1)
+    if activation == "identity":
+        return np.ones_like(A)
+    if activation == "sigmoid":
+        return A * (one - A)
+    if activation == "tanh":
+        return one - A * A
+    if activation == "relu":
+        return (A > 0).astype(A.dtype)
+    # leaky_relu keeps the sign of z, so a > 0 exactly when z > 0. At z = 0 the
+    # slope is the negative one, as in PyTorch.
+    return np.where(A > 0, one, A.dtype.type(LEAKY_RELU_SLOPE))
+
+
+def dense_forward(X, W, b, activation, out):
+    """Dense layer with bias and activation: ``out = act(X @ W.T + b)``.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, n_in)
+        Input batch.
+    W : ndarray, shape (n_out, n_in)
+        Weights.
+    b : ndarray, shape (n_out,)
+        Bias.
+    activation : {"identity", "sigmoid", "tanh", "relu", "leaky_relu"}
+        ``leaky_relu`` has negative slope 0.01.
+    out : ndarray, shape (n, n_out)
+        Overwritten with the activations; must not overlap X, W or b.
+
+    Returns
+    -------
+    out : ndarray, shape (n, n_out)
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    check_call("dense_forward", X=X, W=W, b=b, out=out)
+    n, n_in = X.shape
+    check_shape("W", W, (None, n_in))
+    n_out = W.shape[0]
+    check_shape("b", b, (n_out,))
+    check_shape("out", out, (n, n_out))
+    check_no_overlap("out", out, [("X", X), ("W", W), ("b", b)])
+    out[...] = _activate(X @ W.T + b, activation)
+    return out
+
+
+def activation_backward(A, dA, activation, out):
+    """Gradient through an activation, from its output: ``out = dA * act'(A)``.
+
+    The derivative is computed from ``A = act(Z)``, so Z need not be kept.
+
+    Parameters
+    ----------
+    A : ndarray, shape (n, m)
+        Output of the activation.
+    dA : ndarray, shape (n, m)
+        Gradient of the loss with respect to A.
+    activation : {"identity", "sigmoid", "tanh", "relu", "leaky_relu"}
+    out : ndarray, shape (n, m)
+        Overwritten with the gradient with respect to Z; may be `dA` itself.
+
+    Returns
+    -------
+    out : ndarray, shape (n, m)
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    check_call("activation_backward", A=A, dA=dA, out=out)
+    check_shape("dA", dA, A.shape)
+    check_shape("out", out, A.shape)
+    check_no_overlap("out", out, [("A", A), ("dA", dA)], allow_identical=True)
+    out[...] = dA * _derivative_from_output(A, activation)
+    return out
+
+
+def dense_backward(dZ, X, W, dW, db, dX=None):
+    """Gradients of a dense layer: ``dW = dZ.T @ X``, ``db = dZ.sum(0)``, ``dX = dZ @ W``.
+
+    Parameters
+    ----------
+    dZ : ndarray, shape (n, n_out)
+        Gradient with respect to the layer's pre-activation.
+    X : ndarray, shape (n, n_in)
+        The layer's input.
+    W : ndarray, shape (n_out, n_in)
+        The layer's weights.
+    dW : ndarray, shape (n_out, n_in)
+        Overwritten with the weight gradient.
+    db : ndarray, shape (n_out,)
+        Overwritten with the bias gradient.
+    dX : ndarray, shape (n, n_in), optional
+        Overwritten with the gradient with respect to X; pass None for the
+        first layer, where it is not needed.
+
+    Returns
+    -------
+    (dW, db, dX)
+    """
+    check_call("dense_backward", dZ=dZ, X=X, W=W, dW=dW, db=db, dX=dX)
+    n, n_out = dZ.shape
+    check_shape("X", X, (n, None))
+    n_in = X.shape[1]
+    check_shape("W", W, (n_out, n_in))
+    check_shape("dW", dW, (n_out, n_in))
+    check_shape("db", db, (n_out,))
+    if dX is not None:
+        check_shape("dX", dX, (n, n_in))
+    inputs = [("dZ", dZ), ("X", X), ("W", W)]
+    check_no_overlap("dW", dW, inputs + [("db", db), ("dX", dX)])
+    check_no_overlap("db", db, inputs + [("dX", dX)])
+    check_no_overlap("dX", dX, inputs)
+    np.matmul(dZ.T, X, out=dW)
+    np.sum(dZ, axis=0, out=db)
+    if dX is not None:
+        np.matmul(dZ, W, out=dX)
+    return dW, db, dX
+
+
+def softmax(Z, out):
+    """Row-wise softmax, computed stably: ``out = exp(Z - max) / sum(exp(Z - max))``.
+
+    Parameters
+    ----------
+    Z : ndarray, shape (n, k)
+        Logits; k >= 1.
+    out : ndarray, shape (n, k)
+        Overwritten with probabilities; may be `Z` itself.
+
+    Returns
+    -------
+    out : ndarray, shape (n, k)
+    """
+    check_call("softmax", Z=Z, out=out)
+    _check_classes(Z)
+    check_shape("out", out, Z.shape)
+    check_no_overlap("out", out, [("Z", Z)], allow_identical=True)
+    E = np.exp(Z - Z.max(axis=1, keepdims=True))
+    out[...] = E / E.sum(axis=1, keepdims=True)
+    return out
+
+
+def _check_classes(Z):
+    if Z.shape[1] == 0:
+        raise ValueError(f"Z has shape {Z.shape}; expected at least one column")
+
+
+def softmax_cross_entropy(Z, y, dZ=None):
+    """Softmax cross-entropy of integer labels, mean over samples, and its gradient.
+
+    ``loss = mean_i(logsumexp(Z[i]) - Z[i, y[i]])``, as
+    ``torch.nn.functional.cross_entropy(Z, y)``;
+    ``dZ = (softmax(Z) - onehot(y)) / n``.
+
+    Parameters
+    ----------
+    Z : ndarray, shape (n, k)
+        Logits of the output layer; n >= 1.
+    y : ndarray of int64, shape (n,)
+        Class labels in [0, k).
+    dZ : ndarray, shape (n, k), optional
+        Overwritten with the gradient of the loss with respect to Z; may be
+        `Z` itself. None computes the loss only.
+
+    Returns
+    -------
+    float
+        The mean loss.
+    """
+    check_call("softmax_cross_entropy", Z=Z, y=y, dZ=dZ)
+    n, k = Z.shape
+    _check_classes(Z)
+    check_shape("y", y, (n,))
+    if dZ is not None:
+        check_shape("dZ", dZ, (n, k))
+    check_no_overlap("dZ", dZ, [("Z", Z)], allow_identical=True)
+    if n == 0:
+        raise empty_batch_error("Z")
+    bad = np.flatnonzero((y < 0) | (y >= k))
+    if bad.size:
+        raise label_error(bad[0], y[bad[0]], k)
+    m = Z.max(axis=1, keepdims=True)
+    E = np.exp(Z - m)
+    s = E.sum(axis=1, keepdims=True)
+    rows = np.arange(n)
+    # float64 accumulation of the mean, as the compiled kernel does
+    loss = np.mean((np.log(s[:, 0]) + m[:, 0] - Z[rows, y]).astype(np.float64))
+    if dZ is not None:
+        G = E / s
+        G[rows, y] -= 1
+        dZ[...] = G / Z.dtype.type(n)
+    return float(loss)
+
+
+def mean_squared_error(A, Y, activation, dZ=None):
+    """Mean squared error over all elements, and the gradient before the output activation.
+
+    ``loss = mean((A - Y) ** 2)``, as ``torch.nn.functional.mse_loss(A, Y)``;
+    ``dZ = 2 * (A - Y) / A.size * act'(A)`` where ``A = act(Z)``.
+
+    Parameters
+    ----------
+    A : ndarray, shape (n, k)
+        Output of the network, after its output activation; n >= 1.
+    Y : ndarray, shape (n, k)
+        Targets.
+    activation : {"identity", "sigmoid", "tanh"}
+        The output activation that produced A.
+    dZ : ndarray, shape (n, k), optional
+        Overwritten with the gradient with respect to the output layer's
+        pre-activation Z; may be A or Y itself. None computes the loss only.
+
+    Returns
+    -------
+    float
+        The mean loss.
+    """
+    check_choice("activation", activation, OUTPUT_ACTIVATIONS)
+    check_call("mean_squared_error", A=A, Y=Y, dZ=dZ)
+    check_shape("Y", Y, A.shape)
+    if dZ is not None:
+        check_shape("dZ", dZ, A.shape)
+    check_no_overlap("dZ", dZ, [("A", A), ("Y", Y)], allow_identical=True)
+    if A.shape[0] == 0:
+        raise empty_batch_error("A")
+    R = A - Y
+    loss = np.mean((R * R).astype(np.float64))
+    if dZ is not None:
+        dZ[...] = R * A.dtype.type(2.0 / A.size) * _derivative_from_output(A, activation)
+    return float(loss)
+
+
+def binary_cross_entropy_with_logits(Z, Y, dZ=None):
+    """Binary cross-entropy from logits, mean over all elements, and its gradient.
+
+    ``loss = mean(max(Z, 0) - Z * Y + log1p(exp(-|Z|)))``, as
+    ``torch.nn.functional.binary_cross_entropy_with_logits(Z, Y)``;
+    ``dZ = (sigmoid(Z) - Y) / Z.size``.
+
+    Parameters
+    ----------
+    Z : ndarray, shape (n, k)
+        Logits; n >= 1.
+    Y : ndarray, shape (n, k)
+        Targets (probabilities of the positive class).
+    dZ : ndarray, shape (n, k), optional
+        Overwritten with the gradient with respect to Z; may be Z or Y itself.
+        None computes the loss only.
+
+    Returns
+    -------
+    float
+        The mean loss.
+    """
+    check_call("binary_cross_entropy_with_logits", Z=Z, Y=Y, dZ=dZ)
+    check_shape("Y", Y, Z.shape)
+    if dZ is not None:
+        check_shape("dZ", dZ, Z.shape)
+    check_no_overlap("dZ", dZ, [("Z", Z), ("Y", Y)], allow_identical=True)
+    if Z.shape[0] == 0:
+        raise empty_batch_error("Z")
+    terms = np.maximum(Z, 0) - Z * Y + np.log1p(np.exp(-np.abs(Z)))
+    loss = np.mean(terms.astype(np.float64))
+    if dZ is not None:
+        dZ[...] = (_sigmoid(Z) - Y) / Z.dtype.type(Z.size)
+    return float(loss)
+
+
+def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
+               nesterov=False, weight_decay=0.0, maximize=False, first_step=False):
+    """One in-place step of ``torch.optim.SGD`` on a flat parameter buffer.
+
+    With ``g = -grad if maximize else grad`` and ``g += weight_decay * param``;
+    if momentum is not 0: ``buf = g`` on the first step, else
+    ``buf = momentum * buf + (1 - dampening) * g``, and ``g = g + momentum * buf``
+    (nesterov) or ``g = buf``; finally ``param -= lr * g``.
+
+    Parameters
+    ----------
+    param : ndarray, shape (p,)
+        Parameters, updated in place.
+    grad : ndarray, shape (p,)
+        Gradient of the loss with respect to param.
+    momentum_buffer : ndarray, shape (p,), or None
+        Momentum state, updated in place; required when momentum is not 0.
+    lr, momentum, dampening, weight_decay : float
+    nesterov, maximize : bool
+    first_step : bool
+        True on the optimizer's first step: the buffer is set to the gradient.
+    """
+    check_call("sgd_update", param=param, grad=grad, momentum_buffer=momentum_buffer)
+    check_shape("grad", grad, param.shape)
+    if momentum != 0:
+        if momentum_buffer is None:
+            raise ValueError("momentum_buffer is required when momentum is not 0")
+        check_shape("momentum_buffer", momentum_buffer, param.shape)
+    check_no_overlap("param", param, [("grad", grad), ("momentum_buffer", momentum_buffer)])
+    check_no_overlap("momentum_buffer", momentum_buffer, [("grad", grad)])
+    t = param.dtype.type
+    g = -grad if maximize else grad.copy()
+    if weight_decay != 0:
+        g += t(weight_decay) * param
+    if momentum != 0:
+        if first_step:
+            momentum_buffer[...] = g
+        else:
+            momentum_buffer *= t(momentum)
+            momentum_buffer += t(1 - dampening) * g
+        g = g + t(momentum) * momentum_buffer if nesterov else momentum_buffer
+    param -= t(lr) * g
+
+
+def all_finite(x):
+    """True if no element of `x` (shape (p,)) is NaN or infinite."""
+    check_call("all_finite", x=x)
+    return bool(np.isfinite(x).all())

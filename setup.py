@@ -1,0 +1,42 @@
+"""Build of fastbp's compiled kernels. Compiler directives live here, in one place.
+
+FASTBP_CYTHON_DEBUG=1 builds with boundscheck, wraparound and initializedcheck
+on (for a test run) and sets ``fastbp._kernels.DEBUG_BUILD``.
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTBP_CYTHON_DEBUG") == "1"
+
+directives = dict(
+    language_level=3,
+    boundscheck=DEBUG,
+    wraparound=DEBUG,
+    initializedcheck=DEBUG,
+    cdivision=True,
+    embedsignature=True,
+)
+
+extensions = [
+    Extension(
+        "fastbp._kernels",
+        ["fastbp/_kernels.pyx"],
+        define_macros=[("FASTBP_DEBUG", "1" if DEBUG else "0")],
+        # No -ffast-math: it would let the compiler drop NaN/inf checks and
+        # reassociate sums, and fastbp promises exact, checkable numerics.
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        # Separate generated C for the two modes: an in-tree rebuild that
+        # switches modes must not reuse the other mode's C file.
+        build_dir="build/cython-debug" if DEBUG else "build/cython",
+    )
+)
