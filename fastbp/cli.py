@@ -50,7 +50,10 @@ def _train(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m fastbp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbp",
+        description="fastbp: fast, exact backpropagation for dense networks on the CPU. "
+                    "Without a command, runs `train` with its defaults.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a small network on a synthetic spirals problem")
     train.add_argument("--hidden", type=int, default=64, help="width of the two hidden layers")

@@ -1,0 +1,332 @@
+"""The compiled kernels against their NumPy specification, and both against bad input."""
+
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastbp import _kernels, reference
+from fastbp._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS
+
+from conftest import BACKENDS, DTYPES, IMPLEMENTATIONS, assert_close
+
+PUBLIC = sorted(reference.__all__)
+
+
+def test_same_public_names():
+    assert sorted(_kernels.__all__) == PUBLIC
+    for module in (reference, _kernels):
+        public = {n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+                  and getattr(getattr(module, n), "__module__", None) == module.__name__}
+        assert public == set(PUBLIC), module.__name__
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_same_signature(name):
+    assert inspect.signature(getattr(reference, name)) == inspect.signature(getattr(_kernels, name))
+
+
+# ---------------------------------------------------------------------------
+# Parity: hypothesis draws the shapes (batch 1 and width 1 included) and a seed.
+
+sizes = st.integers(1, 9)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def draw(rng, shape, dtype, low=None, high=None):
+    """A random array in `dtype` and the same values in float64."""
+    x = rng.uniform(low, high, size=shape) if low is not None else rng.normal(size=shape)
+    x = x.astype(dtype)
+    return x, x.astype(np.float64)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@given(n=sizes, n_in=sizes, n_out=sizes, seed=seeds)
+def test_dense_forward(impl, dtype, activation, n, n_in, n_out, seed):
+    rng = np.random.default_rng(seed)
+    X, X64 = draw(rng, (n, n_in), dtype)
+    W, W64 = draw(rng, (n_out, n_in), dtype)
+    b, b64 = draw(rng, (n_out,), dtype)
+    out = np.full((n, n_out), np.nan, dtype)
+    assert impl.dense_forward(X, W, b, activation, out) is out
+    expected = reference.dense_forward(X64, W64, b64, activation, np.empty((n, n_out)))
+    # error scale of the affine part: |X| @ |W|.T + |b|, elementwise
+    scale = np.abs(X64) @ np.abs(W64).T + np.abs(b64)
+    assert_close(out, expected, scale=scale)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@given(n=sizes, m=sizes, seed=seeds, in_place=st.booleans())
+def test_activation_backward(impl, dtype, activation, n, m, seed, in_place):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, m))
+    A64 = reference.dense_forward(Z, np.eye(m), np.zeros(m), activation, np.empty((n, m)))
+    A = A64.astype(dtype)
+    A64 = A.astype(np.float64)
+    dA, dA64 = draw(rng, (n, m), dtype)
+    expected = reference.activation_backward(A64, dA64, activation, np.empty((n, m)))
+    out = dA if in_place else np.empty_like(dA)
+    assert impl.activation_backward(A, dA, activation, out) is out
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, n_in=sizes, n_out=sizes, seed=seeds, with_dX=st.booleans())
+def test_dense_backward(impl, dtype, n, n_in, n_out, seed, with_dX):
+    rng = np.random.default_rng(seed)
+    dZ, dZ64 = draw(rng, (n, n_out), dtype)
+    X, X64 = draw(rng, (n, n_in), dtype)
+    W, W64 = draw(rng, (n_out, n_in), dtype)
+    dW = np.full((n_out, n_in), np.nan, dtype)
+    db = np.full(n_out, np.nan, dtype)
+    dX = np.full((n, n_in), np.nan, dtype) if with_dX else None
+    result = impl.dense_backward(dZ, X, W, dW, db, dX)
+    assert result[0] is dW and result[1] is db and result[2] is dX
+    eW, eb, eX = reference.dense_backward(dZ64, X64, W64, np.empty((n_out, n_in)), np.empty(n_out),
+                                          np.empty((n, n_in)))
+    assert_close(dW, eW, scale=np.abs(dZ64).T @ np.abs(X64))
+    assert_close(db, eb, scale=np.abs(dZ64).sum(0))
+    if with_dX:
+        assert_close(dX, eX, scale=np.abs(dZ64) @ np.abs(W64))
+
+
+def test_dense_backward_matches_numpy_matmul():
+    # The reference itself, against the formulas written out once more.
+    rng = np.random.default_rng(0)
+    dZ, X, W = rng.normal(size=(5, 3)), rng.normal(size=(5, 4)), rng.normal(size=(3, 4))
+    dW, db, dX = reference.dense_backward(dZ, X, W, np.empty((3, 4)), np.empty(3), np.empty((5, 4)))
+    np.testing.assert_allclose(dW, sum(np.outer(dZ[i], X[i]) for i in range(5)), rtol=1e-12)
+    np.testing.assert_allclose(db, [dZ[:, j].sum() for j in range(3)], rtol=1e-12)
+    np.testing.assert_allclose(dX, [[sum(dZ[i, j] * W[j, c] for j in range(3)) for c in range(4)]
+                                    for i in range(5)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, k=sizes, seed=seeds, in_place=st.booleans(), spread=st.sampled_from([1.0, 30.0]))
+def test_softmax(impl, dtype, n, k, seed, in_place, spread):
+    rng = np.random.default_rng(seed)
+    Z, Z64 = draw(rng, (n, k), dtype)
+    Z *= dtype(spread)
+    Z64 = Z.astype(np.float64)
+    expected = reference.softmax(Z64, np.empty((n, k)))
+    out = Z if in_place else np.empty_like(Z)
+    assert impl.softmax(Z, out) is out
+    assert_close(out, expected, scale=1.0)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=10 * np.finfo(dtype).eps * k)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, k=sizes, seed=seeds, mode=st.sampled_from(["out", "in_place", "loss_only"]))
+def test_softmax_cross_entropy(impl, dtype, n, k, seed, mode):
+    rng = np.random.default_rng(seed)
+    Z, Z64 = draw(rng, (n, k), dtype)
+    y = rng.integers(0, k, size=n)
+    eloss = reference.softmax_cross_entropy(Z64, y, expected := np.empty((n, k)))
+    dZ = {"out": np.empty_like(Z), "in_place": Z, "loss_only": None}[mode]
+    loss = impl.softmax_cross_entropy(Z, y, dZ)
+    assert isinstance(loss, float)
+    assert_close(np.asarray(loss, dtype), eloss, scale=max(1.0, abs(eloss)))
+    if dZ is not None:
+        assert_close(dZ, expected, scale=1.0 / n)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@pytest.mark.parametrize("activation", OUTPUT_ACTIVATIONS)
+@given(n=sizes, k=sizes, seed=seeds, mode=st.sampled_from(["out", "in_place", "loss_only"]))
+def test_mean_squared_error(impl, dtype, activation, n, k, seed, mode):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, k))
+    A = reference.dense_forward(Z, np.eye(k), np.zeros(k), activation, np.empty((n, k))).astype(dtype)
+    A64 = A.astype(np.float64)
+    Y, Y64 = draw(rng, (n, k), dtype)
+    eloss = reference.mean_squared_error(A64, Y64, activation, expected := np.empty((n, k)))
+    dZ = {"out": np.empty_like(A), "in_place": A, "loss_only": None}[mode]
+    loss = impl.mean_squared_error(A, Y, activation, dZ)
+    assert_close(np.asarray(loss, dtype), eloss)
+    if dZ is not None:
+        assert_close(dZ, expected, scale=2 * (np.abs(A64) + np.abs(Y64)) / A.size)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, k=sizes, seed=seeds, mode=st.sampled_from(["out", "in_place", "loss_only"]),
+       spread=st.sampled_from([1.0, 50.0]))
+def test_binary_cross_entropy_with_logits(impl, dtype, n, k, seed, mode, spread):
+    rng = np.random.default_rng(seed)
+    Z = (rng.normal(size=(n, k)) * spread).astype(dtype)
+    Z64 = Z.astype(np.float64)
+    Y, Y64 = draw(rng, (n, k), dtype, 0.0, 1.0)
+    eloss = reference.binary_cross_entropy_with_logits(Z64, Y64, expected := np.empty((n, k)))
+    dZ = {"out": np.empty_like(Z), "in_place": Z, "loss_only": None}[mode]
+    loss = impl.binary_cross_entropy_with_logits(Z, Y, dZ)
+    assert_close(np.asarray(loss, dtype), eloss, scale=np.abs(Z64).mean() + 1)
+    if dZ is not None:
+        assert_close(dZ, expected, scale=1.0 / Z.size)
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(p=st.integers(1, 40), seed=seeds, steps=st.integers(1, 4),
+       momentum=st.sampled_from([0.0, 0.9]), dampening=st.sampled_from([0.0, 0.3]),
+       nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 0.01]), maximize=st.booleans())
+def test_sgd_update(impl, dtype, p, seed, steps, momentum, dampening, nesterov, weight_decay, maximize):
+    if nesterov and (momentum == 0 or dampening != 0):
+        nesterov = False
+    rng = np.random.default_rng(seed)
+    param, param64 = draw(rng, p, dtype)
+    buf, buf64 = np.zeros(p, dtype), np.zeros(p)
+    for t in range(steps):
+        grad, grad64 = draw(rng, p, dtype)
+        kwargs = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                      weight_decay=weight_decay, maximize=maximize, first_step=t == 0)
+        assert impl.sgd_update(param, grad, buf if momentum else None, **kwargs) is None
+        reference.sgd_update(param64, grad64, buf64 if momentum else None, **kwargs)
+    assert_close(param, param64, scale=np.abs(param64) + 1)
+    if momentum:
+        assert_close(buf, buf64, scale=np.abs(buf64) + 1)
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_finite(kernels, dtype):
+    x = np.linspace(-1e3, 1e3, 37).astype(dtype)
+    assert kernels.all_finite(x) is True
+    assert kernels.all_finite(np.empty(0, dtype)) is True
+    for bad in (np.nan, np.inf, -np.inf):
+        for i in (0, 17, 36):
+            y = x.copy()
+            y[i] = bad
+            assert kernels.all_finite(y) is False
+
+
+# ---------------------------------------------------------------------------
+# Edge cases both backends must agree on.
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_dense_zero_samples(kernels):
+    X, W, b = np.empty((0, 3)), np.ones((2, 3)), np.ones(2)
+    out = np.empty((0, 2))
+    assert kernels.dense_forward(X, W, b, "relu", out).shape == (0, 2)
+    dW, db = np.full((2, 3), np.nan), np.full(2, np.nan)
+    kernels.dense_backward(np.empty((0, 2)), X, W, dW, db, np.empty((0, 3)))
+    assert (dW == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_losses_are_stable_for_extreme_logits(kernels):
+    Z = np.array([[1e4, -1e4], [-1e4, 1e4]], np.float32)
+    y = np.array([0, 0])
+    dZ = np.empty_like(Z)
+    loss = kernels.softmax_cross_entropy(Z, y, dZ)
+    assert np.isclose(loss, 1e4)  # (0 + 2e4) / 2
+    np.testing.assert_allclose(dZ, [[0, 0], [-0.5, 0.5]], atol=1e-7)
+    Y = np.array([[1, 0], [1, 0]], np.float32)
+    loss = kernels.binary_cross_entropy_with_logits(Z, Y, dZ)
+    assert np.isclose(loss, (0 + 0 + 1e4 + 1e4) / 4)
+    np.testing.assert_allclose(dZ, [[0, 0], [-0.25, 0.25]], atol=1e-7)
+    A = np.empty_like(Z)
+    kernels.dense_forward(Z, np.eye(2, dtype=np.float32), np.zeros(2, np.float32), "sigmoid", A)
+    np.testing.assert_array_equal(A, [[1, 0], [0, 1]])
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_read_only_inputs_are_accepted(kernels):
+    X, W, b = np.ones((2, 3)), np.ones((4, 3)), np.ones(4)
+    for a in (X, W, b):
+        a.flags.writeable = False
+    out = kernels.dense_forward(X, W, b, "identity", np.empty((2, 4)))
+    np.testing.assert_array_equal(out, 4.0)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: both backends raise the same exception with the same message, and
+# write nothing.
+
+def _bad_calls():
+    f8, f4 = np.float64, np.float32
+    X, W, b, out = np.ones((4, 3)), np.ones((2, 3)), np.ones(2), np.zeros((4, 2))
+    ro = np.zeros((4, 2))
+    ro.flags.writeable = False
+    strided = np.zeros((4, 4))[:, ::2]
+    y = np.array([0, 1, 1, 0])
+    Z = np.ones((4, 2))
+    p = np.zeros(5)
+    return {
+        "forward: W wrong width": (lambda k: k.dense_forward(X, np.ones((2, 4)), b, "relu", out), ValueError, "W"),
+        "forward: b wrong size": (lambda k: k.dense_forward(X, W, np.ones(3), "relu", out), ValueError, "b"),
+        "forward: out wrong shape": (lambda k: k.dense_forward(X, W, b, "relu", np.zeros((4, 3))), ValueError, "out"),
+        "forward: mixed dtypes": (lambda k: k.dense_forward(X, W.astype(f4), b, "relu", out), TypeError, "W"),
+        "forward: float32 out": (lambda k: k.dense_forward(X, W, b, "relu", out.astype(f4)), TypeError, "out"),
+        "forward: integer X": (lambda k: k.dense_forward(np.ones((4, 3), int), W, b, "relu", out), TypeError, "X"),
+        "forward: list X": (lambda k: k.dense_forward([[1.0, 2.0, 3.0]], W, b, "relu", out), TypeError, "X"),
+        "forward: 1-D X": (lambda k: k.dense_forward(np.ones(3), W, b, "relu", out), ValueError, "X"),
+        "forward: read-only out": (lambda k: k.dense_forward(X, W, b, "relu", ro), ValueError, "out"),
+        "forward: strided out": (lambda k: k.dense_forward(X, W, b, "relu", strided), ValueError, "out"),
+        "forward: Fortran X": (lambda k: k.dense_forward(np.asfortranarray(X), W, b, "relu", out), ValueError, "X"),
+        "forward: unknown activation": (lambda k: k.dense_forward(X, W, b, "swish", out), ValueError, "swish"),
+        "forward: out is X": (lambda k: k.dense_forward(Z, np.ones((2, 2)), b, "relu", Z), ValueError, "out"),
+        "act backward: dA shape": (lambda k: k.activation_backward(Z, np.ones((4, 3)), "tanh", Z.copy()), ValueError, "dA"),
+        "act backward: partial overlap": (lambda k: k.activation_backward(
+            np.ones((2, 2)), (buf := np.ones(6))[:4].reshape(2, 2), "tanh", buf[2:].reshape(2, 2)), ValueError, "out"),
+        "backward: X rows": (lambda k: k.dense_backward(Z, np.ones((3, 3)), W, np.zeros((2, 3)), np.zeros(2)), ValueError, "X"),
+        "backward: dW shape": (lambda k: k.dense_backward(Z, X, W, np.zeros((3, 2)), np.zeros(2)), ValueError, "dW"),
+        "backward: dX shape": (lambda k: k.dense_backward(Z, X, W, np.zeros((2, 3)), np.zeros(2), np.zeros((4, 2))), ValueError, "dX"),
+        "backward: dW is W": (lambda k: k.dense_backward(Z, X, (w := np.ones((2, 3))), w, np.zeros(2)), ValueError, "dW"),
+        "backward: reversed db": (lambda k: k.dense_backward(Z, X, W, np.zeros((2, 3)), np.zeros(2)[::-1]), ValueError, "db"),
+        "softmax: out shape": (lambda k: k.softmax(Z, np.zeros((4, 3))), ValueError, "out"),
+        "softmax: no classes": (lambda k: k.softmax(np.ones((4, 0)), np.ones((4, 0))), ValueError, "Z"),
+        "ce: label too large": (lambda k: k.softmax_cross_entropy(Z, np.array([0, 1, 2, 0]), np.zeros((4, 2))), ValueError, "y[2] = 2"),
+        "ce: negative label": (lambda k: k.softmax_cross_entropy(Z, np.array([0, -1, 1, 0]), np.zeros((4, 2))), ValueError, "y[1] = -1"),
+        "ce: int32 labels": (lambda k: k.softmax_cross_entropy(Z, y.astype(np.int32), None), TypeError, "y"),
+        "ce: float labels": (lambda k: k.softmax_cross_entropy(Z, y.astype(f8), None), TypeError, "y"),
+        "ce: label count": (lambda k: k.softmax_cross_entropy(Z, y[:3], None), ValueError, "y"),
+        "ce: empty batch": (lambda k: k.softmax_cross_entropy(np.ones((0, 2)), y[:0], None), ValueError, "no samples"),
+        "mse: Y shape": (lambda k: k.mean_squared_error(Z, np.ones((4, 1)), "identity", None), ValueError, "Y"),
+        "mse: bad activation": (lambda k: k.mean_squared_error(Z, Z, "relu", None), ValueError, "relu"),
+        "mse: empty batch": (lambda k: k.mean_squared_error(np.ones((0, 2)), np.ones((0, 2)), "identity"), ValueError, "no samples"),
+        "bce: dZ shape": (lambda k: k.binary_cross_entropy_with_logits(Z, Z, np.zeros((2, 4))), ValueError, "dZ"),
+        "bce: mixed dtypes": (lambda k: k.binary_cross_entropy_with_logits(Z, Z.astype(f4)), TypeError, "Y"),
+        "sgd: grad size": (lambda k: k.sgd_update(p, np.ones(4), None, 0.1), ValueError, "grad"),
+        "sgd: missing buffer": (lambda k: k.sgd_update(p, np.ones(5), None, 0.1, momentum=0.9), ValueError, "momentum_buffer"),
+        "sgd: buffer size": (lambda k: k.sgd_update(p, np.ones(5), np.zeros(4), 0.1, momentum=0.9), ValueError, "momentum_buffer"),
+        "sgd: grad is param": (lambda k: k.sgd_update(p, p, None, 0.1), ValueError, "param"),
+        "sgd: reversed param": (lambda k: k.sgd_update(np.zeros(5)[::-1], np.ones(5), None, 0.1), ValueError, "param"),
+        "sgd: read-only param": (lambda k: k.sgd_update(ro.reshape(-1), np.ones(8), None, 0.1), ValueError, "param"),
+        "all_finite: 2-D": (lambda k: k.all_finite(Z), ValueError, "x"),
+    }
+
+
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_input_same_error_on_both_backends(case):
+    call, exc_type, fragment = BAD_CALLS[case]
+    messages = []
+    for kernels in (reference, _kernels):
+        with pytest.raises(exc_type) as info:
+            call(kernels)
+        assert fragment in str(info.value), (kernels.__name__, str(info.value))
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_bad_labels_write_nothing(kernels):
+    Z = np.ones((3, 2))
+    dZ = np.full((3, 2), 7.0)
+    with pytest.raises(ValueError):
+        kernels.softmax_cross_entropy(Z, np.array([0, 1, 5]), dZ)
+    assert (dZ == 7.0).all()
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_bad_sgd_call_writes_nothing(kernels):
+    p = np.arange(5.0)
+    buf = np.arange(4.0)
+    with pytest.raises(ValueError):
+        kernels.sgd_update(p, np.ones(5), buf, 0.1, momentum=0.9)
+    np.testing.assert_array_equal(p, np.arange(5.0))
+    np.testing.assert_array_equal(buf, np.arange(4.0))
