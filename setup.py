@@ -23,7 +23,7 @@ directives = dict(
 extensions = [
     Extension(
         "fastbp._kernels",
-        ["fastbp/_kernels.pyx"],
+        ["src/fastbp/_kernels.pyx"],
         define_macros=[("FASTBP_DEBUG", "1" if DEBUG else "0")],
         # No -ffast-math: it would let the compiler drop NaN/inf checks and
         # reassociate sums, and fastbp promises exact, checkable numerics.
