@@ -259,6 +259,17 @@ def softmax_cross_entropy(Z, y, dZ=None):
     return float(loss)
 
 
+def _check_elementwise_loss(kernel, name, P, Y, dZ):
+    """Checks shared by the two elementwise losses; P (named `name`) is A or Z."""
+    check_call(kernel, **{name: P, "Y": Y, "dZ": dZ})
+    check_shape("Y", Y, P.shape)
+    if dZ is not None:
+        check_shape("dZ", dZ, P.shape)
+    check_no_overlap("dZ", dZ, [(name, P), ("Y", Y)], allow_identical=True)
+    if P.shape[0] == 0:
+        raise empty_batch_error(name)
+
+
 def mean_squared_error(A, Y, activation, dZ=None):
     """Mean squared error over all elements, and the gradient before the output activation.
 
@@ -283,13 +294,7 @@ def mean_squared_error(A, Y, activation, dZ=None):
         The mean loss.
     """
     check_choice("activation", activation, OUTPUT_ACTIVATIONS)
-    check_call("mean_squared_error", A=A, Y=Y, dZ=dZ)
-    check_shape("Y", Y, A.shape)
-    if dZ is not None:
-        check_shape("dZ", dZ, A.shape)
-    check_no_overlap("dZ", dZ, [("A", A), ("Y", Y)], allow_identical=True)
-    if A.shape[0] == 0:
-        raise empty_batch_error("A")
+    _check_elementwise_loss("mean_squared_error", "A", A, Y, dZ)
     R = A - Y
     loss = np.mean((R * R).astype(np.float64))
     if dZ is not None:
@@ -319,13 +324,7 @@ def binary_cross_entropy_with_logits(Z, Y, dZ=None):
     float
         The mean loss.
     """
-    check_call("binary_cross_entropy_with_logits", Z=Z, Y=Y, dZ=dZ)
-    check_shape("Y", Y, Z.shape)
-    if dZ is not None:
-        check_shape("dZ", dZ, Z.shape)
-    check_no_overlap("dZ", dZ, [("Z", Z), ("Y", Y)], allow_identical=True)
-    if Z.shape[0] == 0:
-        raise empty_batch_error("Z")
+    _check_elementwise_loss("binary_cross_entropy_with_logits", "Z", Z, Y, dZ)
     terms = np.maximum(Z, 0) - Z * Y + np.log1p(np.exp(-np.abs(Z)))
     loss = np.mean(terms.astype(np.float64))
     if dZ is not None:
