@@ -16,7 +16,7 @@ def blas_info():
         from threadpoolctl import threadpool_info
     except ImportError:
         return {"threadpoolctl": "not installed", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-    return {f"{i['prefix']}:{i['filepath'].rsplit('/', 3)[-3]}": i["num_threads"] for i in threadpool_info()}
+    return {f"{i['prefix']}:{i['filepath'].rsplit('/', 2)[-2]}": i["num_threads"] for i in threadpool_info()}
 
 
 @pytest.fixture

@@ -28,11 +28,19 @@ def test_train_learns_the_spirals(backend):
     assert accuracy > 0.9, result.stdout  # chance is 1/3
 
 
-def test_bad_option_is_a_usage_error(capsys):
+@pytest.mark.parametrize("option", ["--hidden", "--epochs", "--batch-size"])
+def test_bad_option_is_a_usage_error(capsys, option):
     with pytest.raises(SystemExit) as info:
-        main(["train", "--hidden", "0", "--epochs", "1"])
+        main(["train", option, "0"])
     assert info.value.code == 2
-    assert "positive integers" in capsys.readouterr().err
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_bad_learning_rate_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--lr", "-1", "--epochs", "1"])
+    assert info.value.code == 2
+    assert "invalid lr" in capsys.readouterr().err
 
 
 def test_spirals_shape_and_classes():

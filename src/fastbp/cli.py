@@ -49,6 +49,13 @@ def _train(args):
     return 0
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastbp",
@@ -56,12 +63,12 @@ def build_parser():
                     "Without a command, runs `train` with its defaults.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = commands.add_parser("train", help="train a small network on a synthetic spirals problem")
-    train.add_argument("--hidden", type=int, default=64, help="width of the two hidden layers")
+    train.add_argument("--hidden", type=_positive_int, default=64, help="width of the two hidden layers")
     train.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     train.add_argument("--lr", type=float, default=0.1)
     train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--epochs", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--epochs", type=_positive_int, default=200)
+    train.add_argument("--batch-size", type=_positive_int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     train.add_argument("--backend", choices=BACKENDS, default="cython")
