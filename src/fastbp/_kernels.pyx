@@ -598,10 +598,10 @@ def binary_cross_entropy_with_logits(Z, Y, dZ=None):
 # ---------------------------------------------------------------------------
 # sgd_update
 
-cdef void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
-                    floating lr, floating momentum, floating dampening_complement,
-                    bint nesterov, floating weight_decay, bint maximize,
-                    bint first_step) noexcept nogil:
+cdef inline void _sgd_span(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
+                           floating lr, floating momentum, floating dampening_complement,
+                           bint nesterov, floating weight_decay, bint maximize,
+                           bint first_step) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating g
     for i in range(size):
@@ -615,6 +615,39 @@ cdef void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssi
                 buf[i] = buf[i] * momentum + dampening_complement * g
             g = g + momentum * buf[i] if nesterov else buf[i]
         param[i] = param[i] - lr * g
+
+
+cdef inline void _sgd_momentum_kinds(floating* param, const floating* grad, floating* buf,
+                                     Py_ssize_t size, floating lr, floating momentum,
+                                     floating dampening_complement, bint nesterov,
+                                     floating weight_decay) noexcept nogil:
+    # Constant flags (no momentum / momentum / nesterov) for the inlined loop.
+    if buf == NULL:
+        _sgd_span(param, grad, NULL, size, lr, 0, 0, False, weight_decay, False, False)
+    elif nesterov:
+        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, True,
+                  weight_decay, False, False)
+    else:
+        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, False,
+                  weight_decay, False, False)
+
+
+cdef void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
+                    floating lr, floating momentum, floating dampening_complement,
+                    bint nesterov, floating weight_decay, bint maximize,
+                    bint first_step) noexcept nogil:
+    # The steady state (not the first step, not maximizing) runs loops
+    # specialised by constant flags, as in _bias_activation (up to 8x faster
+    # than the general loop); the rest runs the general loop.
+    if maximize or first_step:
+        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
+                  weight_decay, maximize, first_step)
+    elif weight_decay == 0:
+        _sgd_momentum_kinds(param, grad, buf, size, lr, momentum, dampening_complement,
+                            nesterov, 0)
+    else:
+        _sgd_momentum_kinds(param, grad, buf, size, lr, momentum, dampening_complement,
+                            nesterov, weight_decay)
 
 
 def _sgd_update(floating[::1] param, const floating[::1] grad,
