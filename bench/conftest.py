@@ -12,6 +12,8 @@ import pytest
 
 def blas_info():
     """Thread counts and BLAS libraries in use (threadpoolctl when installed)."""
+    import fastbp._kernels  # noqa: F401  (loads scipy's BLAS, which the kernels call)
+
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
