@@ -95,8 +95,9 @@ cdef inline floating _log(floating x) noexcept nogil:
 cdef inline floating _sigmoid(floating z) noexcept nogil:
     # exp(-|z|) never overflows; 1/(1+e) for z >= 0 and e/(1+e) for z < 0 are
     # the two stable forms, chosen by a select rather than a branch.
+    cdef floating one = 1  # a bare 1 would be the C double 1.0: float32 math in double
     cdef floating e = _exp(-z if z >= 0 else z)
-    cdef floating r = 1 / (1 + e)
+    cdef floating r = one / (one + e)
     return r if z >= 0 else e * r
 
 
