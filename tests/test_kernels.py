@@ -188,6 +188,26 @@ def test_sgd_update(impl, dtype, p, seed, steps, momentum, dampening, nesterov, 
         assert_close(buf, buf64, scale=np.abs(buf64) + 1)
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(p=st.integers(1, 40), seed=seeds, steps=st.integers(1, 4),
+       betas=st.sampled_from([(0.9, 0.999), (0.3, 0.9)]), weight_decay=st.sampled_from([0.0, 0.1]),
+       decoupled=st.booleans(), amsgrad=st.booleans(), maximize=st.booleans())
+def test_adam_update(impl, dtype, p, seed, steps, betas, weight_decay, decoupled, amsgrad, maximize):
+    rng = np.random.default_rng(seed)
+    param, param64 = draw(rng, p, dtype)
+    state = [np.zeros(p, dtype) for _ in range(3)]
+    state64 = [np.zeros(p) for _ in range(3)]
+    for t in range(1, steps + 1):
+        grad, grad64 = draw(rng, p, dtype)
+        kwargs = dict(lr=0.01, beta1=betas[0], beta2=betas[1], eps=1e-8, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize)
+        assert impl.adam_update(param, grad, *state[:2], state[2] if amsgrad else None, t, **kwargs) is None
+        reference.adam_update(param64, grad64, *state64[:2], state64[2] if amsgrad else None, t, **kwargs)
+    assert_close(param, param64, scale=np.abs(param64) + 0.01)
+    for a, e in zip(state, state64):
+        assert_close(a, e, scale=np.abs(e) + 1e-3)
+
+
 @pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite(kernels, dtype):
@@ -295,6 +315,13 @@ def _bad_calls():
         "sgd: reversed param": (lambda k: k.sgd_update(np.zeros(5)[::-1], np.ones(5), None, 0.1), ValueError, "param"),
         "sgd: read-only param": (lambda k: k.sgd_update(ro.reshape(-1), np.ones(8), None, 0.1), ValueError, "param"),
         "all_finite: 2-D": (lambda k: k.all_finite(Z), ValueError, "x"),
+        "adam: grad size": (lambda k: k.adam_update(p, np.ones(4), np.zeros(5), np.zeros(5), None, 1, 0.1), ValueError, "grad"),
+        "adam: exp_avg size": (lambda k: k.adam_update(p, np.ones(5), np.zeros(4), np.zeros(5), None, 1, 0.1), ValueError, "exp_avg"),
+        "adam: float32 state": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5, f4), np.zeros(5), None, 1, 0.1), TypeError, "exp_avg"),
+        "adam: missing max": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 1, 0.1, amsgrad=True), ValueError, "max_exp_avg_sq"),
+        "adam: shared moments": (lambda k: k.adam_update(p, np.ones(5), (m := np.zeros(5)), m, None, 1, 0.1), ValueError, "overlaps"),
+        "adam: step 0": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 0, 0.1), ValueError, "step"),
+        "adam: read-only param": (lambda k: k.adam_update(ro.reshape(-1), np.ones(8), np.zeros(8), np.zeros(8), None, 1, 0.1), ValueError, "param"),
     }
 
 

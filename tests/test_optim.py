@@ -108,3 +108,51 @@ def test_backends_agree_over_many_steps():
         o1.update(g)
         o2.update(g)
     np.testing.assert_allclose(p1, p2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [fastbp.Adam, fastbp.AdamW])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_adam_state_and_defaults(cls, backend):
+    params = np.ones(4)
+    opt = cls(params, backend=backend)
+    assert opt.weight_decay == (0.01 if cls is fastbp.AdamW else 0.0)
+    assert opt.max_exp_avg_sq is None
+    opt.update(np.full(4, 0.5))
+    np.testing.assert_allclose(opt.exp_avg, 0.05)
+    # the first Adam step moves every parameter by about lr, whatever the gradient's scale
+    expected = 1 - 1e-3 if cls is fastbp.Adam else (1 - 1e-3 * 0.01) - 1e-3
+    np.testing.assert_allclose(params, expected, rtol=1e-6)
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("kwargs, exc_type, message", [
+    (dict(lr=-1.0), ValueError, "invalid lr"),
+    (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+    (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+    (dict(betas=0.9), TypeError, "pair"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(amsgrad="no"), TypeError, "amsgrad"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+])
+def test_bad_adam_hyper_parameters(kwargs, exc_type, message):
+    with pytest.raises(exc_type, match=message):
+        fastbp.Adam(np.zeros(3), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [fastbp.SGD, fastbp.Adam])
+def test_gradient_clipping_by_global_norm(cls):
+    params = np.zeros(2)
+    opt = cls(params, lr=0.1, max_grad_norm=1.0)
+    grad = np.array([3.0, 4.0])  # norm 5
+    clipped = grad / (5 + 1e-6)
+    twin = np.zeros(2)
+    cls(twin, lr=0.1).update(clipped)
+    opt.update(grad)
+    np.testing.assert_allclose(params, twin, rtol=1e-15)
+    np.testing.assert_array_equal(grad, [3.0, 4.0])  # the caller's gradient is not scaled
+    small = np.array([0.3, 0.4])  # norm below the bound: unchanged
+    p1, p2 = np.zeros(2), np.zeros(2)
+    cls(p1, lr=0.1, max_grad_norm=1.0).update(small)
+    cls(p2, lr=0.1).update(small)
+    np.testing.assert_array_equal(p1, p2)

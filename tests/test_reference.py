@@ -136,3 +136,27 @@ def test_sgd_all_options_worked_by_hand():
     # buf = 0.5 * 2 + (1 - 0.5) * 0.5 = 1.25; param = 1 - 0.125
     assert buf[0] == pytest.approx(1.25, rel=1e-14)
     assert param[0] == pytest.approx(0.875, rel=1e-14)
+
+
+def test_adam_first_steps_worked_by_hand():
+    param, m, v = np.array([1.0]), np.zeros(1), np.zeros(1)
+    reference.adam_update(param, np.array([0.5]), m, v, None, 1, lr=0.1)
+    # m = 0.1 * 0.5, v = 0.001 * 0.25; bias corrections 0.1 and 0.001:
+    # param -= 0.1 / 0.1 * 0.05 / (sqrt(0.00025) / sqrt(0.001) + 1e-8)
+    assert m[0] == pytest.approx(0.05, rel=1e-14) and v[0] == pytest.approx(0.00025, rel=1e-12)
+    assert param[0] == pytest.approx(1 - 0.05 / (0.5 + 1e-8), rel=1e-14)
+    reference.adam_update(param, np.array([-0.5]), m, v, None, 2, lr=0.1)
+    m2, v2 = 0.9 * 0.05 - 0.1 * 0.5, 0.999 * 0.00025 + 0.001 * 0.25
+    expected = 1 - 0.05 / (0.5 + 1e-8) - 0.1 / (1 - 0.81) * m2 / (np.sqrt(v2) / np.sqrt(1 - 0.998001) + 1e-8)
+    assert param[0] == pytest.approx(expected, rel=1e-13)
+
+
+def test_adamw_decays_before_the_step_and_amsgrad_keeps_the_maximum():
+    param, m, v, vmax = np.array([2.0]), np.zeros(1), np.zeros(1), np.zeros(1)
+    reference.adam_update(param, np.array([0.0]), m, v, vmax, 1, lr=0.1, weight_decay=0.5,
+                          decoupled_weight_decay=True, amsgrad=True)
+    assert param[0] == pytest.approx(2.0 * (1 - 0.1 * 0.5), rel=1e-15)  # zero gradient: decay only
+    reference.adam_update(param, np.array([1.0]), m, v, vmax, 2, lr=0.1, amsgrad=True)
+    high = vmax[0]
+    reference.adam_update(param, np.array([0.0]), m, v, vmax, 3, lr=0.1, amsgrad=True)
+    assert v[0] < high and vmax[0] == high

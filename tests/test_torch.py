@@ -112,3 +112,52 @@ def test_sgd_steps_match_torch_optim(options, backend, dtype):
     ours = [a for pair in zip(net.weights, net.biases) for a in pair]
     for a, t in zip(ours, params):
         np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol * np.abs(a).max())
+
+
+ADAM_OPTIONS = [
+    (fastbp.Adam, torch.optim.Adam, dict(lr=0.01)),
+    (fastbp.Adam, torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)),
+    (fastbp.Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True, maximize=True)),
+    (fastbp.AdamW, torch.optim.AdamW, dict(lr=0.01)),
+    (fastbp.AdamW, torch.optim.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True, eps=1e-6)),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, options", ADAM_OPTIONS,
+                         ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values())))
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adam_steps_match_torch_optim(ours, theirs, options, backend, dtype):
+    net = fastbp.MLP([6, 7, 5, 3], activation=["tanh", "relu"], dtype=dtype, seed=4, backend=backend)
+    params = as_torch(net)
+    opt = ours(net.params, **options)
+    topt = theirs(params, **options)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for step in range(8):
+        X, y = data(net, seed=step)
+        loss = net.step(X, y, opt)
+        topt.zero_grad()
+        tloss = torch_loss(net, params, torch.tensor(X.astype(dtype)), torch.tensor(y))
+        tloss.backward()
+        topt.step()
+        assert loss == pytest.approx(tloss.item(), rel=tol)
+    ours_params = [a for pair in zip(net.weights, net.biases) for a in pair]
+    for a, t in zip(ours_params, params):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol * np.abs(a).max())
+
+
+def test_clipping_matches_clip_grad_norm():
+    net = fastbp.MLP([6, 7, 3], dtype=np.float64, seed=5)
+    params = as_torch(net)
+    opt = fastbp.SGD(net.params, lr=0.5, momentum=0.9, max_grad_norm=0.05)
+    topt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    for step in range(4):
+        X, y = data(net, seed=step)
+        net.step(X, y, opt)
+        topt.zero_grad()
+        torch_loss(net, params, torch.tensor(X), torch.tensor(y)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        topt.step()
+    ours_params = [a for pair in zip(net.weights, net.biases) for a in pair]
+    for a, t in zip(ours_params, params):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-10, atol=1e-12)

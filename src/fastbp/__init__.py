@@ -6,8 +6,8 @@ The compiled kernels (`fastbp._kernels`) and their NumPy specification
 
 from ._backend import BACKENDS, get_backend
 from .network import LOSSES, MLP
-from .optim import SGD, Optimizer
+from .optim import SGD, Adam, AdamW, Optimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "SGD", "Optimizer", "LOSSES", "BACKENDS", "get_backend", "__version__"]
+__all__ = ["MLP", "SGD", "Adam", "AdamW", "Optimizer", "LOSSES", "BACKENDS", "get_backend", "__version__"]

@@ -57,6 +57,8 @@ KERNEL_ARRAYS = {
     "mean_squared_error": (("A", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
     "binary_cross_entropy_with_logits": (("Z", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
     "sgd_update": (("param", 1, "out"), ("grad", 1, "in"), ("momentum_buffer", 1, "out")),
+    "adam_update": (("param", 1, "out"), ("grad", 1, "in"), ("exp_avg", 1, "out"),
+                    ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
     "all_finite": (("x", 1, "in"),),
 }
 
@@ -116,6 +118,25 @@ def check_no_overlap(out_name, out, others, allow_identical=False):
             if allow_identical and (a0, a1) == (o0, o1):
                 continue
             raise overlap_error(out_name, name)
+
+
+def check_adam_state(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad):
+    """Sizes, aliasing and step of an Adam update (the dtypes are checked by check_call)."""
+    size = param.shape
+    check_shape("grad", grad, size)
+    check_shape("exp_avg", exp_avg, size)
+    check_shape("exp_avg_sq", exp_avg_sq, size)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("max_exp_avg_sq is required with amsgrad")
+        check_shape("max_exp_avg_sq", max_exp_avg_sq, size)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be an integer >= 1 (the count including this update), got {step!r}")
+    arrays = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+              ("max_exp_avg_sq", max_exp_avg_sq if amsgrad else None)]
+    for k, (name, a) in enumerate(arrays):
+        if name != "grad":
+            check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
 
 
 def empty_batch_error(name):

@@ -17,7 +17,7 @@ fused loops over row pointers.
 
 from cython cimport floating
 from libc.limits cimport INT_MAX
-from libc.math cimport exp, expf, fabs, isfinite, log, log1p, log1pf, logf, tanh, tanhf
+from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, sqrt, sqrtf, tanh, tanhf
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
@@ -26,6 +26,7 @@ from fastbp._checks import (
     ACTIVATIONS,
     LEAKY_RELU_SLOPE,
     OUTPUT_ACTIVATIONS,
+    check_adam_state,
     check_call,
     check_choice,
     empty_batch_error,
@@ -54,6 +55,7 @@ __all__ = [
     "mean_squared_error",
     "binary_cross_entropy_with_logits",
     "sgd_update",
+    "adam_update",
     "all_finite",
 ]
 
@@ -694,6 +696,79 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
     except (TypeError, ValueError):
         check_call("sgd_update", param=param, grad=grad, momentum_buffer=momentum_buffer)
         raise
+
+
+# ---------------------------------------------------------------------------
+# adam_update
+
+cdef void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
+                     floating* vmax, Py_ssize_t size, floating neg_step_size,
+                     floating beta1_weight, floating beta2, floating beta2_complement,
+                     floating bc2_sqrt, floating eps, floating l2, bint scale_param,
+                     floating param_scale, bint maximize) noexcept nogil:
+    """The torch.optim.Adam update per element; vmax is NULL without amsgrad."""
+    cdef Py_ssize_t i
+    cdef floating g, p, mi, vi, denom
+    cdef floating one = 1
+    for i in range(size):
+        g = -grad[i] if maximize else grad[i]
+        p = param[i]
+        if scale_param:  # decoupled weight decay (AdamW)
+            p = p * param_scale
+        if l2 != 0:  # weight decay added to the gradient (Adam)
+            g = g + l2 * p
+        # torch's lerp, in the form it uses for weights below and above 1/2
+        if beta1_weight < 0.5:
+            mi = m[i] + beta1_weight * (g - m[i])
+        else:
+            mi = g - (g - m[i]) * (one - beta1_weight)
+        vi = v[i] * beta2 + beta2_complement * g * g
+        m[i] = mi
+        v[i] = vi
+        if vmax != NULL:
+            if vmax[i] > vi:
+                vi = vmax[i]
+            vmax[i] = vi
+        if floating is float:
+            denom = sqrtf(vi) / bc2_sqrt + eps
+        else:
+            denom = sqrt(vi) / bc2_sqrt + eps
+        param[i] = p + neg_step_size * (mi / denom)
+
+
+def _adam_update(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
+                 floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, long step, double lr,
+                 double beta1, double beta2, double eps, double weight_decay, bint decoupled,
+                 bint amsgrad, bint maximize):
+    cdef Py_ssize_t size = param.shape[0]
+    if size == 0:
+        return
+    cdef floating* pmax = &max_exp_avg_sq[0] if amsgrad else NULL
+    cdef bint scale_param = decoupled and weight_decay != 0
+    with nogil:
+        _adam_loop(&param[0], &grad[0], &exp_avg[0], &exp_avg_sq[0], pmax, size,
+                   <floating>(-(lr / (1 - beta1 ** step))), <floating>(1 - beta1),
+                   <floating>beta2, <floating>(1 - beta2),
+                   <floating>((1 - beta2 ** step) ** 0.5), <floating>eps,
+                   <floating>(0 if decoupled else weight_decay), scale_param,
+                   <floating>(1 - lr * weight_decay), maximize)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                amsgrad=False, maximize=False):
+    """One in-place step of ``torch.optim.Adam`` (or ``AdamW``) on a flat parameter buffer.
+
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (p,); see
+    `fastbp.reference.adam_update`.
+    """
+    # Several state arrays must be pairwise disjoint: checked in Python (a few
+    # microseconds, small beside the update of any real network).
+    check_call("adam_update", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+               max_exp_avg_sq=max_exp_avg_sq if amsgrad else None)
+    check_adam_state(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+    _adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, step,
+                 lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
 
 
 # ---------------------------------------------------------------------------

@@ -331,5 +331,5 @@ class MLP:
         if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
             raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
                                      "the network was not updated (lower the learning rate?)")
-        optimizer._apply(self._grad, optimizer._kernels or self._kernels)
+        optimizer._apply(self._grad, optimizer._kernels or self._kernels)  # clips in place
         return loss

@@ -38,19 +38,32 @@ class Optimizer:
     backend : {"cython", "numpy"} or None
         The kernels that run the update. None runs on the backend of the
         network whose `step` uses it, and on "cython" for a direct `update`.
+    max_grad_norm : float or None
+        Clip the gradient by its global (L2) norm before each update, as
+        ``torch.nn.utils.clip_grad_norm_``: scaled by
+        ``min(1, max_grad_norm / (norm + 1e-6))``.
+
+    Attributes
+    ----------
+    step_count : int
+        Number of updates made so far.
     """
 
-    def __init__(self, params, backend=None):
+    def __init__(self, params, backend=None, max_grad_norm=None):
         if not isinstance(params, np.ndarray):
             raise TypeError(f"params must be a numpy.ndarray (e.g. net.params), got {type(params).__name__}")
         if params.dtype not in FLOAT_DTYPES:
             raise TypeError(f"params has dtype {params.dtype}; expected float32 or float64")
         if params.ndim != 1 or not params.flags.c_contiguous or not params.flags.writeable:
             raise ValueError("params must be a writable, C-contiguous 1-D array (e.g. net.params)")
+        if max_grad_norm is not None:
+            max_grad_norm = _check_hyper("max_grad_norm", max_grad_norm)
+            if max_grad_norm <= 0:
+                raise ValueError(f"invalid max_grad_norm {max_grad_norm!r}; expected a number > 0")
         self.params = params
         self.backend = backend
         self._kernels = None if backend is None else get_backend(backend)
-        #: Number of updates made so far.
+        self.max_grad_norm = max_grad_norm
         self.step_count = 0
 
     def update(self, grad):
@@ -67,14 +80,34 @@ class Optimizer:
             raise TypeError(f"grad has dtype {grad.dtype}; expected numbers")
         if grad.shape != self.params.shape:
             raise ValueError(f"grad has shape {grad.shape}; expected {self.params.shape} like params")
-        grad = np.ascontiguousarray(grad, dtype=self.params.dtype)
+        # clipping scales the gradient in place: never the caller's array
+        grad = np.array(grad, dtype=self.params.dtype, order="C",
+                        copy=True if self.max_grad_norm is not None else None)
         kernels = self._kernels or get_backend("cython")
         if not kernels.all_finite(grad):
             raise ValueError("grad contains NaN or infinity; the parameters were not updated")
         self._apply(grad, kernels)
 
-    def _apply(self, grad, kernels):  # pragma: no cover - abstract
+    def _apply(self, grad, kernels):
+        """Clip (in place: `grad` is scratch) and update; `grad` is checked already."""
+        if self.max_grad_norm is not None:
+            coef = self.max_grad_norm / (math.sqrt(float(np.dot(grad, grad))) + 1e-6)
+            if coef < 1:
+                grad *= grad.dtype.type(coef)
+        self._update(grad, kernels)
+        self.step_count += 1
+
+    def _update(self, grad, kernels):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def lr(self):
+        """The learning rate; a new value is checked before it is taken."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _check_hyper("lr", value)
 
 
 class SGD(Optimizer):
@@ -105,7 +138,7 @@ class SGD(Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
-                 weight_decay=0.0, maximize=False, *, backend=None):
+                 weight_decay=0.0, maximize=False, *, max_grad_norm=None, backend=None):
         lr = _check_hyper("lr", lr)
         momentum = _check_hyper("momentum", momentum)
         dampening = _check_hyper("dampening", dampening, minimum=None)
@@ -114,7 +147,7 @@ class SGD(Optimizer):
         maximize = _check_flag("maximize", maximize)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-        super().__init__(params, backend)
+        super().__init__(params, backend, max_grad_norm)
         self._lr = lr
         self.momentum = momentum
         self.dampening = dampening
@@ -123,22 +156,90 @@ class SGD(Optimizer):
         self.maximize = maximize
         self.momentum_buffer = np.zeros_like(params) if momentum != 0 else None
 
-    @property
-    def lr(self):
-        """The learning rate; a new value is checked before it is taken."""
-        return self._lr
-
-    @lr.setter
-    def lr(self, value):
-        self._lr = _check_hyper("lr", value)
-
-    def _apply(self, grad, kernels):
+    def _update(self, grad, kernels):
         kernels.sgd_update(self.params, grad, self.momentum_buffer, self._lr, self.momentum,
                            self.dampening, self.nesterov, self.weight_decay, self.maximize,
                            self.step_count == 0)
-        self.step_count += 1
 
     def __repr__(self):
         return (f"SGD(lr={self._lr:g}, momentum={self.momentum:g}, dampening={self.dampening:g}, "
                 f"nesterov={self.nesterov}, weight_decay={self.weight_decay:g}, "
                 f"maximize={self.maximize})")
+
+
+class Adam(Optimizer):
+    """Adam, exactly ``torch.optim.Adam`` (weight decay added to the gradient).
+
+    Parameters
+    ----------
+    params : ndarray, shape (p,)
+        Usually ``net.params``.
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+        Each in [0, 1).
+    eps : float, default 1e-8
+    weight_decay : float, default 0
+    amsgrad, maximize : bool, default False
+    max_grad_norm, backend
+        See `Optimizer`.
+
+    Attributes
+    ----------
+    exp_avg, exp_avg_sq : ndarray, shape (p,)
+        First and second moment estimates.
+    max_exp_avg_sq : ndarray, shape (p,), or None
+        Running maximum of exp_avg_sq (amsgrad only).
+    """
+
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False, *, max_grad_norm=None, backend=None):
+        lr = _check_hyper("lr", lr)
+        eps = _check_hyper("eps", eps)
+        weight_decay = _check_hyper("weight_decay", weight_decay)
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair of numbers, got {betas!r}") from None
+        for i, beta in enumerate((beta1, beta2)):
+            beta = _check_hyper(f"betas[{i}]", beta)
+            if beta >= 1:
+                raise ValueError(f"invalid betas[{i}] {beta!r}; expected a number in [0, 1)")
+        amsgrad = _check_flag("amsgrad", amsgrad)
+        maximize = _check_flag("maximize", maximize)
+        super().__init__(params, backend, max_grad_norm)
+        self._lr = lr
+        self.betas = (float(beta1), float(beta2))
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.amsgrad = amsgrad
+        self.maximize = maximize
+        self.exp_avg = np.zeros_like(params)
+        self.exp_avg_sq = np.zeros_like(params)
+        self.max_exp_avg_sq = np.zeros_like(params) if amsgrad else None
+
+    def _update(self, grad, kernels):
+        kernels.adam_update(self.params, grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq,
+                            self.step_count + 1, self._lr, self.betas[0], self.betas[1], self.eps,
+                            self.weight_decay, self._decoupled, self.amsgrad, self.maximize)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(lr={self._lr:g}, betas={self.betas}, eps={self.eps:g}, "
+                f"weight_decay={self.weight_decay:g}, amsgrad={self.amsgrad}, "
+                f"maximize={self.maximize})")
+
+
+class AdamW(Adam):
+    """AdamW, exactly ``torch.optim.AdamW``: Adam with decoupled weight decay,
+    ``param *= 1 - lr * weight_decay`` before the Adam step (default 1e-2).
+
+    Parameters as `Adam`.
+    """
+
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, maximize=False, *, max_grad_norm=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize,
+                         max_grad_norm=max_grad_norm, backend=backend)

@@ -25,6 +25,7 @@ from ._checks import (
     ACTIVATIONS,
     LEAKY_RELU_SLOPE,
     OUTPUT_ACTIVATIONS,
+    check_adam_state,
     check_call,
     check_choice,
     check_no_overlap,
@@ -42,6 +43,7 @@ __all__ = [
     "mean_squared_error",
     "binary_cross_entropy_with_logits",
     "sgd_update",
+    "adam_update",
     "all_finite",
 ]
 
@@ -374,6 +376,60 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
             momentum_buffer += t(1 - dampening) * g
         g = g + t(momentum) * momentum_buffer if nesterov else momentum_buffer
     param -= t(lr) * g
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9,
+                beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                amsgrad=False, maximize=False):
+    """One in-place step of ``torch.optim.Adam`` (or ``AdamW``) on a flat parameter buffer.
+
+    With ``g = -grad if maximize else grad``: weight decay either scales the
+    parameters, ``param *= 1 - lr * weight_decay`` (decoupled, AdamW), or is
+    added to the gradient, ``g += weight_decay * param`` (Adam); then
+    ``exp_avg += (1 - beta1) * (g - exp_avg)``,
+    ``exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g``, with amsgrad
+    ``max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)`` used in its place, and
+    ``param -= lr / (1 - beta1**step) * exp_avg / (sqrt(v) / sqrt(1 - beta2**step) + eps)``.
+
+    Parameters
+    ----------
+    param : ndarray, shape (p,)
+        Parameters, updated in place.
+    grad : ndarray, shape (p,)
+    exp_avg, exp_avg_sq : ndarray, shape (p,)
+        First and second moment estimates, updated in place (zeros before the
+        first step).
+    max_exp_avg_sq : ndarray, shape (p,), or None
+        Running maximum of exp_avg_sq; required with amsgrad.
+    step : int
+        The number of this update, counting from 1 (bias correction).
+    lr, beta1, beta2, eps, weight_decay : float
+    decoupled_weight_decay, amsgrad, maximize : bool
+    """
+    check_call("adam_update", param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+               max_exp_avg_sq=max_exp_avg_sq if amsgrad else None)
+    check_adam_state(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+    t = param.dtype.type
+    g = -grad if maximize else grad.copy()
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= t(1 - lr * weight_decay)
+        else:
+            g += t(weight_decay) * param
+    # torch's lerp: the form that stays exact near its weight's end
+    w = t(1 - beta1)
+    if w < 0.5:
+        exp_avg += w * (g - exp_avg)
+    else:
+        exp_avg[...] = g - (g - exp_avg) * (t(1) - w)
+    exp_avg_sq *= t(beta2)
+    exp_avg_sq += t(1 - beta2) * g * g
+    if amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+    v = max_exp_avg_sq if amsgrad else exp_avg_sq
+    step_size = lr / (1 - beta1 ** step)
+    denom = np.sqrt(v) / t((1 - beta2 ** step) ** 0.5) + t(eps)
+    param += t(-step_size) * (exp_avg / denom)
 
 
 def all_finite(x):
