@@ -1,4 +1,4 @@
-"""The command line: `python -m fastbp train` trains and reports a real accuracy."""
+"""The command line: `python -m fastbp train` and `vanishing` do what they say."""
 
 import re
 import subprocess
@@ -11,21 +11,58 @@ from fastbp.cli import main, spirals
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "fastbp", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
+
+
+def accuracy(stdout):
+    return float(re.search(r"test accuracy ([0-9.]+)", stdout).group(1))
 
 
 def test_help_lists_commands():
     result = run("--help")
     assert result.returncode == 0
-    assert "train" in result.stdout
+    assert "train" in result.stdout and "vanishing" in result.stdout
+
+
+def test_train_digits_reaches_97_percent():
+    # The README's main job: digits, 75/25 stratified split, [64, 128, 10], relu,
+    # SGD lr 0.05 momentum 0.9, batch 32, 30 epochs.
+    pytest.importorskip("sklearn")
+    result = run("train", "--dataset", "digits", "--hidden", "128", "--activation", "relu",
+                 "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--epochs", "30",
+                 "--batch-size", "32", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\nepoch ") == 30
+    assert accuracy(result.stdout) >= 0.97, result.stdout
 
 
 @pytest.mark.parametrize("backend", ["cython", "numpy"])
-def test_train_learns_the_spirals(backend):
-    result = run("train", "--epochs", "120", "--backend", backend)
+def test_train_spirals_on_both_backends(backend):
+    result = run("train", "--dataset", "spirals", "--hidden", "64", "64", "--lr", "0.1",
+                 "--epochs", "100", "--backend", backend, "--quiet")
     assert result.returncode == 0, result.stderr
-    accuracy = float(re.search(r"test accuracy ([0-9.]+)", result.stdout).group(1))
-    assert accuracy > 0.9, result.stdout  # chance is 1/3
+    assert accuracy(result.stdout) > 0.9, result.stdout  # chance is 1/3
+
+
+def test_train_with_adam_writes_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    result = run("train", "--dataset", "spirals", "--optimizer", "adam", "--lr", "0.01",
+                 "--epochs", "5", "--quiet", "--plot", str(png))
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_vanishing_shows_sigmoid_gradients_shrinking():
+    result = run("vanishing", "--depth", "8")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert [int(r[0]) for r in rows] == list(range(1, 10))
+    sigmoid = [float(r[1]) for r in rows]
+    relu = [float(r[2]) for r in rows]
+    assert sigmoid[0] < 1e-2 * sigmoid[-1]  # the first layer learns a hundred times slower
+    assert all(a < b for a, b in zip(sigmoid[:3], sigmoid[1:4]))
+    assert 0.1 < relu[0] / relu[-1] < 10
 
 
 @pytest.mark.parametrize("option", ["--hidden", "--epochs", "--batch-size"])
@@ -38,7 +75,7 @@ def test_bad_option_is_a_usage_error(capsys, option):
 
 def test_bad_learning_rate_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["train", "--lr", "-1", "--epochs", "1"])
+        main(["train", "--dataset", "spirals", "--lr", "-1", "--epochs", "1"])
     assert info.value.code == 2
     assert "invalid lr" in capsys.readouterr().err
 

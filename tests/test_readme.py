@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -13,3 +15,13 @@ def test_readme_example_runs():
     exec(compile(blocks[0], str(README), "exec"), namespace)
     assert namespace["net"].params.shape == (64 * 32 + 32 + 32 * 10 + 10,)
     assert namespace["loss"] > 0
+
+
+def test_readme_training_example_runs():
+    pytest.importorskip("sklearn")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["net"].score(namespace["X_test"], namespace["y_test"]) > 0.9
+    assert len(namespace["history"].lr) == len(namespace["history"])

@@ -5,9 +5,29 @@ The compiled kernels (`fastbp._kernels`) and their NumPy specification
 """
 
 from ._backend import BACKENDS, get_backend
+from . import datasets
+from .diagnostics import gradcheck, layer_statistics
 from .network import LOSSES, MLP
-from .optim import SGD, Adam, AdamW, Optimizer
+from .optim import (
+    SGD,
+    Adam,
+    AdamW,
+    CosineAnnealingLR,
+    ExponentialLR,
+    InverseScaling,
+    LinearWarmup,
+    Optimizer,
+    ReduceLROnPlateau,
+    Schedule,
+    StepLR,
+)
+from .train import EarlyStopping, History
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "SGD", "Adam", "AdamW", "Optimizer", "LOSSES", "BACKENDS", "get_backend", "__version__"]
+__all__ = [
+    "MLP", "SGD", "Adam", "AdamW", "Optimizer", "Schedule", "StepLR", "ExponentialLR",
+    "CosineAnnealingLR", "LinearWarmup", "InverseScaling", "ReduceLROnPlateau", "EarlyStopping",
+    "History", "gradcheck", "layer_statistics", "datasets", "LOSSES", "BACKENDS", "get_backend",
+    "__version__",
+]

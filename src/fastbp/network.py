@@ -7,8 +7,9 @@ import numpy as np
 
 from ._backend import get_backend
 from ._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS, check_choice
+from . import train as _train
 from .init import check_init, initial_parameters
-from .optim import Optimizer
+from .optim import SGD, Optimizer
 
 LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
@@ -110,7 +111,7 @@ class MLP:
             output = check_choice("output", "identity" if output is None else output, OUTPUT_ACTIVATIONS)
         elif output is not None:
             raise ValueError(f"output= applies only to loss='mse'; loss {loss!r} fixes its own output")
-        init = check_init(init)
+        self._init = init = check_init(init)
         self.dtype = _check_dtype(dtype)
         self._kernels = get_backend(backend)
         self.backend = backend
@@ -132,6 +133,51 @@ class MLP:
         self._train_activations = activations + (output or "identity",)
         self._capacity = 0
         self._workspace_rows = None
+        #: Epochs trained so far (across fit and partial_fit calls).
+        self.epoch_ = 0
+        #: The optimizer fit created when given none; reused by later fit calls.
+        self.optimizer_ = None
+
+    @classmethod
+    def from_arrays(cls, weights, biases, activation="relu", loss="cross_entropy", *, output=None,
+                    dtype=None, seed=None, backend="cython"):
+        """A network starting from given (e.g. pretrained) weights and biases.
+
+        Parameters
+        ----------
+        weights : sequence of array_like
+            ``weights[l]`` of shape (n_out, n_in) (PyTorch's layout); consecutive
+            layers must chain.
+        biases : sequence of array_like
+            ``biases[l]`` of shape (n_out,).
+        dtype : float32, float64 or None
+            None takes the dtype of the first weight array when it is float32
+            or float64, else float32.
+        Other parameters as `MLP`; `seed` seeds the network's generator
+        (shuffling), not the weights.
+        """
+        weights = [_as_numeric(W, f"weights[{l}]") for l, W in enumerate(weights)]
+        biases = [_as_numeric(b, f"biases[{l}]") for l, b in enumerate(biases)]
+        if not weights or len(weights) != len(biases):
+            raise ValueError(f"got {len(weights)} weight arrays and {len(biases)} bias arrays; "
+                             "expected one of each per layer, at least one layer")
+        for l, (W, b) in enumerate(zip(weights, biases)):
+            if W.ndim != 2 or b.shape != (W.shape[0],):
+                raise ValueError(f"layer {l}: weights of shape {W.shape} and bias of shape {b.shape}; "
+                                 "expected (n_out, n_in) and (n_out,)")
+            if l and W.shape[1] != weights[l - 1].shape[0]:
+                raise ValueError(f"layer {l} takes {W.shape[1]} inputs but layer {l - 1} gives "
+                                 f"{weights[l - 1].shape[0]} outputs")
+            if not (np.isfinite(W).all() and np.isfinite(b).all()):
+                raise ValueError(f"layer {l} holds NaN or infinite values")
+        if dtype is None:
+            dtype = weights[0].dtype if weights[0].dtype in (np.float32, np.float64) else np.float32
+        sizes = [weights[0].shape[1]] + [W.shape[0] for W in weights]
+        layers = iter(zip(weights, biases))
+        net = cls(sizes, activation, loss, output=output, dtype=dtype, seed=seed, backend=backend,
+                  init=lambda n_in, n_out, rng: next(layers))
+        net._init = "torch"  # what fit(n_init=k) draws its other candidates from
+        return net
 
     # -- structure ---------------------------------------------------------
 
@@ -327,9 +373,204 @@ class MLP:
         """
         self._check_optimizer(optimizer)
         X, y = self._as_batch(X, y)
+        return self._step_checked(X, y, optimizer)
+
+    def _step_checked(self, X, y, optimizer):
+        """`step` on a batch already validated and converted."""
         loss = self._loss_and_gradients(X, y, self._grad_weights, self._grad_biases)
         if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
             raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
                                      "the network was not updated (lower the learning rate?)")
         optimizer._apply(self._grad, optimizer._kernels or self._kernels)  # clips in place
         return loss
+
+    # -- evaluation ---------------------------------------------------------
+
+    def _evaluate_checked(self, X, y):
+        """Mean loss on validated arrays, through the workspace in chunks (no gradient)."""
+        k, total = self._kernels, 0.0
+        for start in range(0, X.shape[0], _FORWARD_CHUNK):
+            Xc, yc = X[start:start + _FORWARD_CHUNK], y[start:start + _FORWARD_CHUNK]
+            acts, _ = self._workspace(Xc.shape[0])
+            prev = Xc
+            for l in range(self.n_layers):
+                k.dense_forward(prev, self.weights[l], self.biases[l], self._train_activations[l], acts[l])
+                prev = acts[l]
+            if self.loss == "cross_entropy":
+                loss = k.softmax_cross_entropy(prev, yc, None)
+            elif self.loss == "mse":
+                loss = k.mean_squared_error(prev, yc, self.output, None)
+            else:
+                loss = k.binary_cross_entropy_with_logits(prev, yc, None)
+            total += loss * Xc.shape[0]
+        return total / X.shape[0]
+
+    def evaluate(self, X, y):
+        """Mean loss on (X, y), as `gradients` computes it, without gradients."""
+        X, y = self._as_batch(X, y)
+        return self._evaluate_checked(X, y)
+
+    def _predict_from_output(self, out):
+        if self.loss == "cross_entropy":
+            return out.argmax(axis=1)
+        if self.loss == "binary_cross_entropy":
+            return (out > 0.5).astype(np.int64)
+        return out
+
+    def predict(self, X):
+        """Class labels for cross_entropy (argmax), 0/1 labels of shape (n, n_outputs)
+        for binary_cross_entropy (probability > 0.5), outputs for mse."""
+        return self._predict_from_output(self.forward(X))
+
+    def predict_proba(self, X):
+        """Class probabilities (cross_entropy) or positive-class probabilities
+        (binary_cross_entropy), shape (n, n_outputs)."""
+        if self.loss == "mse":
+            raise AttributeError("predict_proba needs a classification loss; this network uses 'mse'")
+        return self.forward(X)
+
+    def _score_checked(self, X, y):
+        pred = self._predict_from_output(self.forward(X))
+        if self.loss == "cross_entropy":
+            return float(np.mean(pred == y))
+        if self.loss == "binary_cross_entropy":
+            # subset accuracy, as sklearn's accuracy_score for multi-label targets
+            return float(np.mean(np.all(pred == (y > 0.5), axis=1)))
+        # R^2 averaged over outputs, as sklearn's r2_score (1 or 0 for a constant target)
+        residual = np.sum((y - pred) ** 2, axis=0, dtype=np.float64)
+        total = np.sum((y - y.mean(axis=0)) ** 2, axis=0, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(total > 0, 1 - residual / total, np.where(residual == 0, 1.0, 0.0))
+        return float(np.mean(r2))
+
+    def score(self, X, y):
+        """Accuracy for classification (subset accuracy for binary_cross_entropy), R^2 for mse."""
+        X, y = self._as_batch(X, y)
+        return self._score_checked(X, y)
+
+    # -- training ------------------------------------------------------------
+
+    def _resolve_optimizer(self, optimizer):
+        if optimizer is None:
+            if self.optimizer_ is None:
+                self.optimizer_ = SGD(self.params, lr=0.01, momentum=0.9)
+            optimizer = self.optimizer_
+        self._check_optimizer(optimizer)
+        return optimizer
+
+    def fit(self, X, y, epochs=10, batch_size=32, optimizer=None, shuffle=True,
+            validation_data=None, validation_fraction=None, early_stopping=None, schedule=None,
+            callbacks=(), progress=None, verbose=False, n_init=1, trial_epochs=None,
+            diagnostics=True):
+        """Train by mini-batch gradient descent; returns a `History`.
+
+        Parameters
+        ----------
+        X : array_like, shape (n, n_features)
+        y : array_like
+            Labels (n,) for cross_entropy; targets (n, n_outputs) otherwise.
+        epochs : int
+            Passes over the data. Every sample is used once per epoch; the last
+            batch may be smaller.
+        batch_size : int
+        optimizer : fastbp optimizer, optional
+            Built on ``net.params``. None uses (and keeps, in ``optimizer_``)
+            ``SGD(lr=0.01, momentum=0.9)``.
+        shuffle : bool
+            Reshuffle every epoch with the network's own generator (seeded by
+            `seed`): fit(epochs=a) then fit(epochs=b) gives the network of
+            fit(epochs=a + b), bit for bit.
+        validation_data : (X_val, y_val), optional
+        validation_fraction : float, optional
+            Hold out this fraction of the samples, the last ones (before
+            shuffling), for validation.
+        early_stopping : fastbp.EarlyStopping, optional
+        schedule : fastbp schedule, optional
+            Sets the learning rate before each epoch.
+        callbacks : sequence of callables
+            ``callback(net, record)`` after each epoch; a true return value stops.
+        progress : bool or None
+            A tqdm bar; None shows one when tqdm is installed and stderr is a terminal.
+        verbose : bool
+            Print one line per epoch.
+        n_init : int
+            With n_init > 1, first train n_init candidates for `trial_epochs`
+            epochs each, from the current weights and from n_init - 1 fresh
+            initialisations (seeds drawn from the network's generator), and
+            continue from the best by validation loss (training loss without
+            validation data). The trials count toward `epochs`.
+        trial_epochs : int, optional
+            Epochs per trial (default: min(5, epochs)).
+        diagnostics : bool
+            Record per-layer statistics in the history each epoch
+            (`fastbp.diagnostics.layer_statistics` on up to 256 training samples).
+
+        Ctrl-C stops cleanly after the current batch, with the network whole.
+        """
+        epochs = _train.check_positive_int("epochs", epochs, minimum=0)
+        batch_size = _train.check_positive_int("batch_size", batch_size)
+        n_init = _train.check_positive_int("n_init", n_init)
+        callbacks = _train.check_fit_arguments(optimizer, schedule, early_stopping, callbacks)
+        optimizer = self._resolve_optimizer(optimizer)
+        X, y = self._as_batch(X, y)
+        X, y, validation = _train.split_validation(self, X, y, validation_data, validation_fraction)
+        run = dict(batch_size=batch_size, shuffle=bool(shuffle), validation=validation,
+                   early_stopping=early_stopping, schedule=schedule, callbacks=callbacks,
+                   progress=progress, verbose=verbose, diagnostics=diagnostics)
+        trials = None
+        if n_init > 1:
+            trial_epochs = min(5, epochs) if trial_epochs is None else \
+                _train.check_positive_int("trial_epochs", trial_epochs)
+            if trial_epochs > epochs:
+                raise ValueError(f"trial_epochs={trial_epochs} exceeds epochs={epochs}")
+            trials = self._run_trials(X, y, optimizer, n_init, trial_epochs, run)
+            epochs -= trial_epochs
+        history = _train.run_epochs(self, X, y, epochs=epochs, optimizer=optimizer, **run)
+        history.trials = trials
+        return history
+
+    def _run_trials(self, X, y, optimizer, n_init, trial_epochs, run):
+        """Train n_init candidates briefly; leave the network and optimizer at the best."""
+        seeds = self._rng.integers(0, 2**63, size=n_init - 1)
+        start_params, start_epoch = self.params.copy(), self.epoch_
+        trial_run = dict(run, early_stopping=None, schedule=None, callbacks=(), progress=False,
+                         verbose=False)
+        results = []
+        for trial in range(n_init):
+            if trial > 0:
+                rng = np.random.default_rng(seeds[trial - 1])
+                for (W0, b0), W, b in zip(initial_parameters(self._init, self.sizes, rng),
+                                          self.weights, self.biases):
+                    W[...] = W0
+                    b[...] = b0
+            else:
+                self.params[...] = start_params
+            self.epoch_ = start_epoch
+            trial_opt = optimizer.clone(self.params)
+            trial_opt.lr = optimizer.lr
+            history = _train.run_epochs(self, X, y, epochs=trial_epochs, optimizer=trial_opt, **trial_run)
+            last = history.records[-1]
+            score = last["val_loss"] if last["val_loss"] is not None else last["loss"]
+            results.append({"trial": trial, "loss": score, "params": self.params.copy(),
+                            "state": trial_opt.state(), "history": history})
+        best = min(results, key=lambda r: r["loss"])
+        self.params[...] = best["params"]
+        optimizer.load_state(best["state"])
+        self.epoch_ = start_epoch + trial_epochs
+        for r in results:
+            del r["params"], r["state"]
+        return results
+
+    def partial_fit(self, X, y, optimizer=None, *, batch_size=32, shuffle=True,
+                    validation_data=None, early_stopping=None):
+        """One pass (epoch) over (X, y); returns self.
+
+        With `early_stopping` (and `validation_data`), each call counts as an
+        epoch for it: check ``early_stopping.should_stop`` between calls.
+        """
+        if early_stopping is not None and early_stopping.should_stop:
+            return self
+        self.fit(X, y, epochs=1, batch_size=batch_size, optimizer=optimizer, shuffle=shuffle,
+                 validation_data=validation_data, early_stopping=early_stopping, progress=False,
+                 diagnostics=False)
+        return self

@@ -66,6 +66,32 @@ class Optimizer:
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
 
+    #: Names of the state arrays (None when unused), for `state` / `load_state`.
+    _state_arrays = ()
+
+    def clone(self, params):
+        """A new optimizer of the same kind and settings on `params`, with fresh state."""
+        return type(self)(params, **self._config)
+
+    def state(self):
+        """The optimizer's state: copies of its state arrays and its step count."""
+        state = {"step_count": self.step_count}
+        for name in self._state_arrays:
+            a = getattr(self, name)
+            state[name] = None if a is None else a.copy()
+        return state
+
+    def load_state(self, state):
+        """Set the state from `state()` of an optimizer of the same kind and size."""
+        for name in self._state_arrays:
+            ours, theirs = getattr(self, name), state[name]
+            if (ours is None) != (theirs is None) or (ours is not None and ours.shape != theirs.shape):
+                raise ValueError(f"state {name!r} does not fit this optimizer")
+        for name in self._state_arrays:
+            if getattr(self, name) is not None:
+                getattr(self, name)[...] = state[name]
+        self.step_count = int(state["step_count"])
+
     def update(self, grad):
         """One in-place update of the parameters from a flat gradient of the same layout.
 
@@ -148,6 +174,9 @@ class SGD(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         super().__init__(params, backend, max_grad_norm)
+        self._config = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                            weight_decay=weight_decay, maximize=maximize,
+                            max_grad_norm=max_grad_norm, backend=backend)
         self._lr = lr
         self.momentum = momentum
         self.dampening = dampening
@@ -155,6 +184,8 @@ class SGD(Optimizer):
         self.weight_decay = weight_decay
         self.maximize = maximize
         self.momentum_buffer = np.zeros_like(params) if momentum != 0 else None
+
+    _state_arrays = ("momentum_buffer",)
 
     def _update(self, grad, kernels):
         kernels.sgd_update(self.params, grad, self.momentum_buffer, self._lr, self.momentum,
@@ -209,6 +240,9 @@ class Adam(Optimizer):
         amsgrad = _check_flag("amsgrad", amsgrad)
         maximize = _check_flag("maximize", maximize)
         super().__init__(params, backend, max_grad_norm)
+        self._config = dict(lr=lr, betas=(float(beta1), float(beta2)), eps=eps,
+                            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                            max_grad_norm=max_grad_norm, backend=backend)
         self._lr = lr
         self.betas = (float(beta1), float(beta2))
         self.eps = eps
@@ -218,6 +252,8 @@ class Adam(Optimizer):
         self.exp_avg = np.zeros_like(params)
         self.exp_avg_sq = np.zeros_like(params)
         self.max_exp_avg_sq = np.zeros_like(params) if amsgrad else None
+
+    _state_arrays = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _update(self, grad, kernels):
         kernels.adam_update(self.params, grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq,
@@ -243,3 +279,131 @@ class AdamW(Adam):
                  amsgrad=False, maximize=False, *, max_grad_norm=None, backend=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize,
                          max_grad_norm=max_grad_norm, backend=backend)
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate schedules, applied by `MLP.fit` once per epoch.
+
+
+class Schedule:
+    """Base class: sets ``optimizer.lr`` before each epoch from the epoch number.
+
+    The first time a schedule meets an optimizer it takes the optimizer's lr as
+    its base. Epochs are counted by the network across `fit` calls, so passing
+    the same schedule to consecutive `fit` calls continues it exactly.
+    """
+
+    base_lr = None
+
+    def start_epoch(self, optimizer, epoch):
+        """Set the learning rate for `epoch` (0-based, counted across fit calls)."""
+        if self.base_lr is None:
+            self.base_lr = optimizer.lr
+        optimizer.lr = self.lr_at(epoch)
+
+    def end_epoch(self, metric):
+        """Told the monitored value after each epoch (used by ReduceLROnPlateau)."""
+
+    def lr_at(self, epoch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class StepLR(Schedule):
+    """``lr = base_lr * gamma ** (epoch // step_size)``, as ``torch.optim.lr_scheduler.StepLR``."""
+
+    def __init__(self, step_size, gamma=0.1):
+        self.step_size = _check_positive_int("step_size", step_size)
+        self.gamma = _check_hyper("gamma", gamma)
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class ExponentialLR(Schedule):
+    """``lr = base_lr * gamma ** epoch``."""
+
+    def __init__(self, gamma):
+        self.gamma = _check_hyper("gamma", gamma)
+
+    def lr_at(self, epoch):
+        return self.base_lr * self.gamma ** epoch
+
+
+class CosineAnnealingLR(Schedule):
+    """``lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2``,
+    ``torch.optim.lr_scheduler.CosineAnnealingLR``: eta_min at T_max, then rising
+    again (period 2 T_max), as torch's does."""
+
+    def __init__(self, T_max, eta_min=0.0):
+        self.T_max = _check_positive_int("T_max", T_max)
+        self.eta_min = _check_hyper("eta_min", eta_min)
+
+    def lr_at(self, epoch):
+        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+class LinearWarmup(Schedule):
+    """Linear warm-up from ``start_factor * base_lr`` to ``base_lr`` over `warmup_epochs`,
+    then constant, as ``torch.optim.lr_scheduler.LinearLR(start_factor, 1.0, warmup_epochs)``."""
+
+    def __init__(self, warmup_epochs, start_factor=0.1):
+        self.warmup_epochs = _check_positive_int("warmup_epochs", warmup_epochs)
+        self.start_factor = _check_hyper("start_factor", start_factor)
+        if not 0 < self.start_factor <= 1:
+            raise ValueError(f"start_factor must be in (0, 1], got {start_factor!r}")
+
+    def lr_at(self, epoch):
+        t = min(epoch, self.warmup_epochs)
+        return self.base_lr * (self.start_factor + (1 - self.start_factor) * t / self.warmup_epochs)
+
+
+class InverseScaling(Schedule):
+    """``lr = base_lr / (epoch + 1) ** power_t`` (scikit-learn's 'invscaling', per epoch)."""
+
+    def __init__(self, power_t=0.5):
+        self.power_t = _check_hyper("power_t", power_t)
+
+    def lr_at(self, epoch):
+        return self.base_lr / (epoch + 1) ** self.power_t
+
+
+class ReduceLROnPlateau(Schedule):
+    """Multiply lr by `factor` when the monitored value (validation loss if there
+    is validation data, else training loss) has not improved by more than a
+    relative `threshold` for `patience` epochs, as
+    ``torch.optim.lr_scheduler.ReduceLROnPlateau`` in 'min' / 'rel' mode; never below min_lr.
+    """
+
+    def __init__(self, factor=0.1, patience=10, threshold=1e-4, min_lr=0.0):
+        self.factor = _check_hyper("factor", factor)
+        if not 0 < self.factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        self.patience = int(patience)
+        self.threshold = _check_hyper("threshold", threshold)
+        self.min_lr = _check_hyper("min_lr", min_lr)
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.lr = None
+
+    def start_epoch(self, optimizer, epoch):
+        if self.lr is None:
+            self.base_lr = self.lr = optimizer.lr
+        optimizer.lr = self.lr
+
+    def end_epoch(self, metric):
+        if metric < self.best * (1 - self.threshold):
+            self.best = metric
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.patience:
+                self.lr = max(self.lr * self.factor, self.min_lr)
+                self.bad_epochs = 0

@@ -1,0 +1,91 @@
+"""What happens inside a network: per-layer gradient norms, update sizes, saturated
+and dead units, and a finite-difference check of the gradients."""
+
+import numpy as np
+
+#: A sigmoid or tanh unit counts as saturated where its derivative is below
+#: this fraction of its maximum (1/4 for sigmoid, 1 for tanh).
+SATURATION_FRACTION = 0.01
+
+
+def layer_statistics(net, X, y, before=None):
+    """Per-layer statistics of `net` on a batch (validated arrays of its dtype).
+
+    Returns a dict of lists, one entry per weight layer (input side first):
+
+    ``grad_norm``
+        L2 norm of the layer's gradient (weights and bias) on the batch.
+    ``update_ratio``
+        ``||W - W_before|| / ||W_before||`` when `before` (a copy of
+        ``net.params`` taken earlier) is given, else None.
+    ``saturated``
+        For sigmoid and tanh hidden layers, the fraction of (sample, unit)
+        activations whose derivative is below 1% of its maximum; None for
+        other layers.
+    ``dead``
+        For relu hidden layers, the fraction of units that output 0 for every
+        sample of the batch; None for other layers.
+    """
+    grad = np.empty_like(net.params)
+    dW, db = net._layer_views(grad)
+    net._loss_and_gradients(X, y, dW, db)
+    acts, _ = net._workspace(X.shape[0])  # the activations of that forward pass
+    stats = {"grad_norm": [], "update_ratio": [], "saturated": [], "dead": []}
+    old_W = net._layer_views(before)[0] if before is not None else None
+    for l in range(net.n_layers):
+        stats["grad_norm"].append(float(np.sqrt(np.sum(dW[l].astype(np.float64) ** 2)
+                                                + np.sum(db[l].astype(np.float64) ** 2))))
+        if old_W is not None:
+            base = np.linalg.norm(old_W[l])
+            stats["update_ratio"].append(float(np.linalg.norm(net.weights[l] - old_W[l]) / base)
+                                         if base > 0 else None)
+        else:
+            stats["update_ratio"].append(None)
+        act = net.activations[l] if l < net.n_layers - 1 else None
+        A = acts[l]
+        if act == "sigmoid":
+            stats["saturated"].append(float(np.mean(A * (1 - A) < SATURATION_FRACTION * 0.25)))
+        elif act == "tanh":
+            stats["saturated"].append(float(np.mean(1 - A * A < SATURATION_FRACTION)))
+        else:
+            stats["saturated"].append(None)
+        stats["dead"].append(float(np.mean(np.all(A <= 0, axis=0))) if act == "relu" else None)
+    return stats
+
+
+def gradcheck(net, X, y, eps=1e-6):
+    """Largest relative error between `net`'s analytic gradients and central finite differences.
+
+    The check runs on a float64 copy of the network with the NumPy backend
+    (whatever `net`'s dtype and backend), so it measures the mathematics, not
+    float32 rounding: a correct network gives about 1e-7 or less. Every
+    parameter is perturbed: keep the network and batch small.
+
+    The relative error of one parameter is ``|analytic - numeric|`` divided by
+    ``max(|analytic|, |numeric|, 0.01 * largest)``, where largest is the
+    largest gradient magnitude: central differences carry an absolute error of
+    about 1e-10 (float64 rounding of the loss, divided by eps), which would
+    read as a large relative error on gradients a thousand times smaller than
+    the others. Errors in the mathematics show as 1e-3 and more.
+    """
+    from .network import MLP
+
+    twin = MLP.from_arrays([W.astype(np.float64) for W in net.weights],
+                           [b.astype(np.float64) for b in net.biases],
+                           activation=list(net.activations), loss=net.loss, output=net.output,
+                           dtype=np.float64, backend="numpy")
+    X, y = twin._as_batch(X, y)
+    analytic = np.empty_like(twin.params)
+    twin._loss_and_gradients(X, y, *twin._layer_views(analytic))
+    numeric = np.empty_like(analytic)
+    p = twin.params
+    for i in range(p.size):
+        old = p[i]
+        p[i] = old + eps
+        up = twin._evaluate_checked(X, y)
+        p[i] = old - eps
+        down = twin._evaluate_checked(X, y)
+        p[i] = old
+        numeric[i] = (up - down) / (2 * eps)
+    floor = 1e-2 * max(np.max(np.abs(analytic)), np.max(np.abs(numeric)), 1e-300)
+    return float(np.max(np.abs(analytic - numeric) / np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), floor)))

@@ -1,0 +1,85 @@
+"""Per-layer statistics and the finite-difference gradient check."""
+
+import numpy as np
+import pytest
+
+import fastbp
+from fastbp import reference
+from fastbp._checks import ACTIVATIONS
+
+from conftest import BACKEND_NAMES
+
+LOSS_CONFIGS = [
+    dict(loss="cross_entropy"),
+    dict(loss="binary_cross_entropy"),
+    dict(loss="mse", output="identity"),
+    dict(loss="mse", output="sigmoid"),
+    dict(loss="mse", output="tanh"),
+]
+
+
+def batch(net, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, net.n_features))
+    if net.loss == "cross_entropy":
+        return X, rng.integers(0, net.n_outputs, size=n)
+    return X, rng.uniform(size=(n, net.n_outputs))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
+def test_gradcheck_passes_for_every_activation_and_loss(activation, config):
+    net = fastbp.MLP([4, 5, 3], activation=activation, seed=1, **config)  # float32, cython
+    X, y = batch(net)
+    assert fastbp.gradcheck(net, X, y) < 1e-6
+
+
+def test_gradcheck_catches_a_wrong_gradient(monkeypatch):
+    net = fastbp.MLP([4, 5, 3], activation="tanh", seed=1, dtype=np.float64)
+    X, y = batch(net)
+    original = reference.activation_backward
+    monkeypatch.setattr(reference, "activation_backward",
+                        lambda A, dA, act, out: np.multiply(original(A, dA, act, out), 1.01, out=out))
+    assert fastbp.gradcheck(net, X, y) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_gradient_norms_match_gradients(backend):
+    net = fastbp.MLP([4, 6, 5, 3], activation=["relu", "sigmoid"], dtype=np.float64, seed=0,
+                     backend=backend)
+    X, y = batch(net, n=20)
+    stats = fastbp.layer_statistics(net, *net._as_batch(X, y))
+    _, dW, db = net.gradients(X, y)
+    for l in range(3):
+        assert stats["grad_norm"][l] == pytest.approx(np.sqrt((dW[l] ** 2).sum() + (db[l] ** 2).sum()))
+    assert stats["update_ratio"] == [None] * 3
+    assert stats["saturated"][0] is None and stats["saturated"][1] is not None
+    assert stats["dead"][0] is not None and stats["dead"][1] is None and stats["dead"][2] is None
+
+
+def test_saturation_and_dead_units_are_measured():
+    X = np.random.default_rng(0).normal(size=(50, 4))
+    y = np.zeros(50, int)
+    sat = fastbp.MLP([4, 8, 2], activation="sigmoid", dtype=np.float64, seed=0)
+    sat.weights[0][...] *= 1000  # pre-activations in the hundreds: the sigmoid is flat
+    dead = fastbp.MLP([4, 8, 2], activation="relu", dtype=np.float64, seed=0)
+    dead.biases[0][:6] = -1e3  # six of eight units never fire
+    s = fastbp.layer_statistics(sat, *sat._as_batch(X, y))
+    d = fastbp.layer_statistics(dead, *dead._as_batch(X, y))
+    assert s["saturated"][0] > 0.95
+    assert d["dead"][0] == pytest.approx(6 / 8)
+    healthy = fastbp.MLP([4, 8, 2], activation="tanh", dtype=np.float64, seed=0)
+    assert fastbp.layer_statistics(healthy, *healthy._as_batch(X, y))["saturated"][0] < 0.05
+
+
+def test_history_records_diagnostics_and_update_ratio():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 4)), rng.integers(0, 2, size=64)
+    net = fastbp.MLP([4, 8, 2], activation="tanh", dtype=np.float64, seed=0)
+    before = net.params.copy()
+    history = net.fit(X, y, epochs=1, optimizer=fastbp.SGD(net.params, lr=0.1))
+    ratio = history.diagnostics[0]["update_ratio"]
+    W0 = net._layer_views(before)[0]
+    for l in range(2):
+        assert ratio[l] == pytest.approx(np.linalg.norm(net.weights[l] - W0[l]) / np.linalg.norm(W0[l]))
+    assert net.fit(X, y, epochs=1, diagnostics=False).diagnostics == [None]
