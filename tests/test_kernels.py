@@ -208,6 +208,58 @@ def test_adam_update(impl, dtype, p, seed, steps, betas, weight_decay, decoupled
         assert_close(a, e, scale=np.abs(e) + 1e-3)
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, depth=st.integers(1, 3), width=sizes, n_in=sizes, n_out=sizes, seed=seeds,
+       loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
+       hidden=st.sampled_from(ACTIVATIONS), output=st.sampled_from(OUTPUT_ACTIVATIONS),
+       slack=st.integers(0, 5))
+def test_mlp_gradients(impl, dtype, n, depth, width, n_in, n_out, seed, loss, hidden, output, slack):
+    if loss != "mse":
+        output = "identity"
+    rng = np.random.default_rng(seed)
+    sizes = (n_in,) + (width,) * (depth - 1) + (n_out,)
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    X, X64 = draw(rng, (n, n_in), dtype)
+    params, params64 = draw(rng, n_params, dtype)
+    labels = rng.integers(0, n_out, size=n) if loss == "cross_entropy" else None
+    targets, targets64 = draw(rng, (n, n_out), dtype, 0.0, 1.0) if labels is None else (None, None)
+    work = n * sum(sizes[1:]) + slack  # larger work buffers are fine
+    acts = (hidden,) * (depth - 1)
+    A, D, grad = np.empty(work, dtype), np.empty(work, dtype), np.full(n_params, np.nan, dtype)
+    value = impl.mlp_gradients(X, labels, targets, params, sizes, acts, loss, output, A, D, grad)
+    expected = np.empty(n_params)
+    evalue = reference.mlp_gradients(X64, labels, targets64, params64, sizes, acts, loss, output,
+                                     np.empty(work), np.empty(work), expected)
+    # float32 error grows with depth: compare against the size of the gradient
+    assert_close(np.asarray(value, dtype), evalue, scale=abs(evalue) + 1)
+    assert_close(grad, expected, scale=np.abs(expected).max() + 1e-3)
+
+
+def test_mlp_gradients_is_the_composition_of_the_kernels():
+    # the same numbers, to the last bit, as the layer kernels called one by one
+    rng = np.random.default_rng(0)
+    net = __import__("fastbp").MLP([6, 5, 4, 3], activation=["tanh", "relu"], dtype=np.float64, seed=0)
+    X, y = rng.normal(size=(7, 6)), rng.integers(0, 3, size=7)
+    fused = np.empty_like(net.params)
+    loss = _kernels.mlp_gradients(X, y, None, net.params, net.sizes, net.activations, "cross_entropy",
+                                  "identity", np.empty(7 * 12), np.empty(7 * 12), fused)
+    acts = [np.empty((7, w)) for w in (5, 4, 3)]
+    deltas = [np.empty((7, w)) for w in (5, 4, 3)]
+    prev = X
+    for l, act in enumerate(["tanh", "relu", "identity"]):
+        _kernels.dense_forward(prev, net.weights[l], net.biases[l], act, acts[l])
+        prev = acts[l]
+    assert _kernels.softmax_cross_entropy(prev, y, deltas[2]) == loss
+    stepwise = np.empty_like(net.params)
+    dW, db = net._layer_views(stepwise)
+    for l in (2, 1, 0):
+        _kernels.dense_backward(deltas[l], acts[l - 1] if l else X, net.weights[l], dW[l], db[l],
+                                deltas[l - 1] if l else None)
+        if l:
+            _kernels.activation_backward(acts[l - 1], deltas[l - 1], ["tanh", "relu"][l - 1], deltas[l - 1])
+    np.testing.assert_array_equal(fused, stepwise)
+
+
 @pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite(kernels, dtype):
@@ -320,6 +372,15 @@ def _bad_calls():
         "adam: float32 state": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5, f4), np.zeros(5), None, 1, 0.1), TypeError, "exp_avg"),
         "adam: missing max": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 1, 0.1, amsgrad=True), ValueError, "max_exp_avg_sq"),
         "adam: shared moments": (lambda k: k.adam_update(p, np.ones(5), (m := np.zeros(5)), m, None, 1, 0.1), ValueError, "overlaps"),
+        "mlp: unknown loss": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "hinge", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "hinge"),
+        "mlp: params size": (lambda k: k.mlp_gradients(X, y, None, np.zeros(13), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "params"),
+        "mlp: small work buffer": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(15), np.zeros(16), np.zeros(14)), ValueError, "at least 16"),
+        "mlp: activation count": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), (), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "hidden layers"),
+        "mlp: targets for ce": (lambda k: k.mlp_gradients(X, None, Z, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "labels"),
+        "mlp: softmax after sigmoid": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "sigmoid", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "logits"),
+        "mlp: grad is A": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", (w := np.zeros(16)), np.zeros(16), w[:14]), ValueError, "overlaps"),
+        "mlp: bad label": (lambda k: k.mlp_gradients(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "y[2] = 2"),
+        "mlp: float32 grad": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14, f4)), TypeError, "grad"),
         "adam: step 0": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 0, 0.1), ValueError, "step"),
         "adam: read-only param": (lambda k: k.adam_update(ro.reshape(-1), np.ones(8), np.zeros(8), np.zeros(8), None, 1, 0.1), ValueError, "param"),
     }

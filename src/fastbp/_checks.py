@@ -15,6 +15,8 @@ LABEL_DTYPE = np.dtype(np.int64)
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 OUTPUT_ACTIVATIONS = ("identity", "sigmoid", "tanh")
 
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
+
 #: Negative slope of ``leaky_relu`` (PyTorch's default).
 LEAKY_RELU_SLOPE = 0.01
 
@@ -46,7 +48,7 @@ def _check_array(name, a, ndim, dtype, writable):
 
 #: The array arguments of each kernel, in signature order: (name, ndim, role).
 #: role is "in" (read), "out" (written; may be None where the kernel allows it)
-#: or "labels" (int64 class labels).
+#: or "labels" (int64 class labels); a trailing "?" lets an argument be None.
 KERNEL_ARRAYS = {
     "dense_forward": (("X", 2, "in"), ("W", 2, "in"), ("b", 1, "in"), ("out", 2, "out")),
     "activation_backward": (("A", 2, "in"), ("dA", 2, "in"), ("out", 2, "out")),
@@ -60,6 +62,8 @@ KERNEL_ARRAYS = {
     "adam_update": (("param", 1, "out"), ("grad", 1, "in"), ("exp_avg", 1, "out"),
                     ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
     "all_finite": (("x", 1, "in"),),
+    "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
+                      ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
 }
 
 
@@ -72,9 +76,11 @@ def check_call(kernel, **arrays):
     dtype = None
     for name, ndim, role in KERNEL_ARRAYS[kernel]:
         a = arrays[name]
-        if role == "labels":
+        if a is None and (role == "out" or role.endswith("?")):
+            continue
+        if role.startswith("labels"):
             _check_array(name, a, ndim, LABEL_DTYPE, False)
-        elif not (a is None and role == "out"):
+        else:
             _check_array(name, a, ndim, dtype, role == "out")
             dtype = a.dtype
     return dtype
@@ -137,6 +143,53 @@ def check_adam_state(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, ams
     for k, (name, a) in enumerate(arrays):
         if name != "grad":
             check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
+
+
+def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
+    """Every check of `mlp_gradients`, in the order both backends apply them."""
+    check_choice("loss", loss, LOSSES)
+    check_choice("output", output, OUTPUT_ACTIVATIONS)
+    if loss != "mse" and output != "identity":
+        raise ValueError(f"loss {loss!r} works on logits: output must be 'identity', got {output!r}")
+    sizes = tuple(sizes)
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+                             for s in sizes):
+        raise ValueError(f"sizes must be at least two positive integers, got {sizes}")
+    activations = tuple(activations)
+    if len(activations) != len(sizes) - 2:
+        raise ValueError(f"activations has {len(activations)} names for {len(sizes) - 2} hidden layers")
+    for a in activations:
+        check_choice("activation", a, ACTIVATIONS)
+    check_call("mlp_gradients", X=X, labels=labels, targets=targets, params=params, A=A, D=D, grad=grad)
+    if loss == "cross_entropy":
+        if labels is None or targets is not None:
+            raise ValueError("cross_entropy takes labels, and targets=None")
+    elif targets is None or labels is not None:
+        raise ValueError(f"{loss} takes targets, and labels=None")
+    n = X.shape[0]
+    check_shape("X", X, (None, sizes[0]))
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    check_shape("params", params, (n_params,))
+    check_shape("grad", grad, (n_params,))
+    work = n * sum(sizes[1:])
+    for name, buf in (("A", A), ("D", D)):
+        if buf.shape[0] < work:
+            raise ValueError(f"{name} has {buf.shape[0]} elements; a batch of {n} needs at least {work}")
+    if labels is not None:
+        check_shape("labels", labels, (n,))
+    if targets is not None:
+        check_shape("targets", targets, (n, sizes[-1]))
+    arrays = [("X", X), ("labels", labels), ("targets", targets), ("params", params), ("A", A),
+              ("D", D), ("grad", grad)]
+    for k, (name, a) in enumerate(arrays):
+        if name in ("A", "D", "grad"):
+            check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
+    if n == 0:
+        raise empty_batch_error("X")
+    if labels is not None:
+        bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
+        if bad.size:
+            raise label_error(bad[0], labels[bad[0]], sizes[-1])
 
 
 def empty_batch_error(name):

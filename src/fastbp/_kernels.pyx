@@ -25,10 +25,12 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 from fastbp._checks import (
     ACTIVATIONS,
     LEAKY_RELU_SLOPE,
+    LOSSES,
     OUTPUT_ACTIVATIONS,
     check_adam_state,
     check_call,
     check_choice,
+    check_mlp_call,
     empty_batch_error,
     label_error,
     overlap_error,
@@ -57,6 +59,7 @@ __all__ = [
     "sgd_update",
     "adam_update",
     "all_finite",
+    "mlp_gradients",
 ]
 
 # Activation codes, in the order of fastbp._checks.ACTIVATIONS.
@@ -813,3 +816,139 @@ def all_finite(x):
     except (TypeError, ValueError):
         check_call("all_finite", x=x)
         raise
+
+
+# ---------------------------------------------------------------------------
+# mlp_gradients: the whole forward / loss / backward of a network in one call
+
+# Layers in one network: enough for anything fastbp trains; checked at the boundary.
+cdef enum:
+    MAX_LAYERS = 512
+    CROSS_ENTROPY = 0
+    MSE = 1
+    BCE = 2
+
+
+cdef void _mlp_forward_backward(const floating* X, const int64_t* labels, const floating* T,
+                                const floating* params, floating* A, floating* D,
+                                floating* grad, Py_ssize_t n, Py_ssize_t n_layers,
+                                const Py_ssize_t* sizes, const int* acts, int loss,
+                                double* loss_out) noexcept nogil:
+    """The composition of the kernels above (see reference.mlp_gradients); acts[l] is
+    layer l's activation, the output layer's included. Inputs are valid."""
+    cdef Py_ssize_t l, n_in, n_out, p, a
+    cdef Py_ssize_t w_off[MAX_LAYERS]
+    cdef Py_ssize_t a_off[MAX_LAYERS]
+    cdef const floating* prev = X
+    cdef floating* Al
+    p = a = 0
+    for l in range(n_layers):
+        w_off[l] = p
+        a_off[l] = a
+        p += (sizes[l] + 1) * sizes[l + 1]
+        a += n * sizes[l + 1]
+    for l in range(n_layers):
+        n_in, n_out = sizes[l], sizes[l + 1]
+        Al = A + a_off[l]
+        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, prev, <int>n_in, params + w_off[l],
+              <int>n_in, 0, Al, <int>n_out)
+        _bias_activation(Al, params + w_off[l] + n_out * n_in, n, n_out, acts[l])
+        prev = Al
+    n_out = sizes[n_layers]
+    l = n_layers - 1
+    if loss == CROSS_ENTROPY:
+        loss_out[0] = _cross_entropy_loop(A + a_off[l], labels, D + a_off[l], n, n_out)
+    elif loss == MSE:
+        loss_out[0] = _mse_loop(A + a_off[l], T, D + a_off[l], n * n_out, acts[l])
+    else:
+        loss_out[0] = _bce_loop(A + a_off[l], T, D + a_off[l], n * n_out)
+    for l in range(n_layers - 1, -1, -1):
+        n_in, n_out = sizes[l], sizes[l + 1]
+        prev = X if l == 0 else A + a_off[l - 1]
+        # dW = dZ.T @ input, db = column sums of dZ
+        _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, D + a_off[l], <int>n_out, prev,
+              <int>n_in, 0, grad + w_off[l], <int>n_in)
+        _column_sums(D + a_off[l], grad + w_off[l] + n_out * n_in, n, n_out)
+        if l > 0:
+            # dX = dZ @ W (the old W), then through the previous layer's activation
+            _gemm(c'N', c'N', <int>n, <int>n_in, <int>n_out, 1, D + a_off[l], <int>n_out,
+                  params + w_off[l], <int>n_in, 0, D + a_off[l - 1], <int>n_in)
+            _activation_backward_loop(A + a_off[l - 1], D + a_off[l - 1], D + a_off[l - 1],
+                                      n * n_in, acts[l - 1])
+
+
+cdef dict _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+cdef dict _LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
+
+
+def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
+                   const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
+                   tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
+                   floating[::1] grad):
+    """Fast checks in C; any failure raises a bare ValueError, which the public
+    function replaces with the reference's message (check_mlp_call)."""
+    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, l, n_params = 0, work = 0
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code = _LOSS_CODES[loss]
+    if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1 or n == 0:
+        raise ValueError
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+        if c_sizes[l] < 1 or c_sizes[l] > INT_MAX:
+            raise ValueError
+    for l in range(n_layers - 1):
+        acts[l] = _ACTIVATION_CODES[activations[l]]
+    acts[n_layers - 1] = _ACTIVATION_CODES[output]
+    if loss_code != MSE and acts[n_layers - 1] != IDENTITY or acts[n_layers - 1] > TANH:
+        raise ValueError
+    for l in range(n_layers):
+        n_params += (c_sizes[l] + 1) * c_sizes[l + 1]
+        work += n * c_sizes[l + 1]
+    if (X.shape[1] != c_sizes[0] or params.shape[0] != n_params or grad.shape[0] != n_params
+            or A.shape[0] < work or D.shape[0] < work or n > INT_MAX):
+        raise ValueError
+    if loss_code == CROSS_ENTROPY:
+        if labels is None or targets is not None or labels.shape[0] != n:
+            raise ValueError
+    elif (targets is None or labels is not None or targets.shape[0] != n
+          or targets.shape[1] != c_sizes[n_layers]):
+        raise ValueError
+    # outputs (A, D, grad) must not overlap each other nor any input
+    cdef size_t s = sizeof(floating)
+    spans = [(<size_t>&X[0, 0], n * c_sizes[0] * s), (<size_t>&params[0], n_params * s),
+             (<size_t>&A[0], A.shape[0] * s), (<size_t>&D[0], D.shape[0] * s),
+             (<size_t>&grad[0], n_params * s)]
+    if targets is not None:
+        spans.append((<size_t>&targets[0, 0], targets.shape[0] * targets.shape[1] * s))
+    if labels is not None:
+        spans.append((<size_t>&labels[0], n * sizeof(int64_t)))
+    for i in (2, 3, 4):
+        for j in range(len(spans)):
+            if i != j and _overlap(<void*><size_t>spans[i][0], spans[i][1],
+                                   <void*><size_t>spans[j][0], spans[j][1], False):
+                raise ValueError
+    cdef double value = 0
+    cdef bint bad_label = False
+    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
+    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
+    with nogil:
+        if plabels != NULL:
+            bad_label = _first_bad_label(plabels, n, c_sizes[n_layers]) >= 0
+        if not bad_label:
+            _mlp_forward_backward(&X[0, 0], plabels, ptargets, &params[0], &A[0], &D[0],
+                                  &grad[0], n, n_layers, c_sizes, acts, loss_code, &value)
+    if bad_label:
+        raise ValueError
+    return value
+
+
+def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
+    """Loss and gradient of a whole multi-layer perceptron on a batch, in one call
+    without the GIL. See `fastbp.reference.mlp_gradients`."""
+    try:
+        return _mlp_gradients(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
+                              output, A, D, grad)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+        raise ValueError("invalid arguments to mlp_gradients")

@@ -27,29 +27,32 @@ def layer_statistics(net, X, y, before=None):
         sample of the batch; None for other layers.
     """
     grad = np.empty_like(net.params)
-    dW, db = net._layer_views(grad)
-    net._loss_and_gradients(X, y, dW, db)
+    net._loss_and_gradients(X, y, grad)
     acts, _ = net._workspace(X.shape[0])  # the activations of that forward pass
+    moved = None if before is None else net.params - before
     stats = {"grad_norm": [], "update_ratio": [], "saturated": [], "dead": []}
-    old_W = net._layer_views(before)[0] if before is not None else None
-    for l in range(net.n_layers):
-        stats["grad_norm"].append(float(np.sqrt(np.sum(dW[l].astype(np.float64) ** 2)
-                                                + np.sum(db[l].astype(np.float64) ** 2))))
-        if old_W is not None:
-            base = np.linalg.norm(old_W[l])
-            stats["update_ratio"].append(float(np.linalg.norm(net.weights[l] - old_W[l]) / base)
-                                         if base > 0 else None)
+    start = 0
+    for l, (n_in, n_out) in enumerate(zip(net.sizes[:-1], net.sizes[1:])):
+        # a layer's W and b are one contiguous span of the flat layout
+        w_end, end = start + n_out * n_in, start + (n_in + 1) * n_out
+        g = grad[start:end]
+        stats["grad_norm"].append(float(np.sqrt(np.dot(g, g))))
+        if moved is not None:
+            w0, dw = before[start:w_end], moved[start:w_end]
+            base = float(np.dot(w0, w0))
+            stats["update_ratio"].append(float(np.sqrt(np.dot(dw, dw) / base)) if base > 0 else None)
         else:
             stats["update_ratio"].append(None)
+        start = end
         act = net.activations[l] if l < net.n_layers - 1 else None
         A = acts[l]
         if act == "sigmoid":
-            stats["saturated"].append(float(np.mean(A * (1 - A) < SATURATION_FRACTION * 0.25)))
+            stats["saturated"].append(float(np.count_nonzero(A * (1 - A) < SATURATION_FRACTION * 0.25)) / A.size)
         elif act == "tanh":
-            stats["saturated"].append(float(np.mean(1 - A * A < SATURATION_FRACTION)))
+            stats["saturated"].append(float(np.count_nonzero(1 - A * A < SATURATION_FRACTION)) / A.size)
         else:
             stats["saturated"].append(None)
-        stats["dead"].append(float(np.mean(np.all(A <= 0, axis=0))) if act == "relu" else None)
+        stats["dead"].append(float(np.count_nonzero(A.max(axis=0) <= 0)) / n_out if act == "relu" else None)
     return stats
 
 
@@ -76,7 +79,7 @@ def gradcheck(net, X, y, eps=1e-6):
                            dtype=np.float64, backend="numpy")
     X, y = twin._as_batch(X, y)
     analytic = np.empty_like(twin.params)
-    twin._loss_and_gradients(X, y, *twin._layer_views(analytic))
+    twin._loss_and_gradients(X, y, analytic)
     numeric = np.empty_like(analytic)
     p = twin.params
     for i in range(p.size):

@@ -6,12 +6,11 @@ import numbers
 import numpy as np
 
 from ._backend import get_backend
-from ._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS, check_choice
+from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS, check_choice
+from ._layout import mlp_views
 from . import train as _train
 from .init import check_init, initial_parameters
 from .optim import SGD, Optimizer
-
-LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
 # forward() runs through the workspace in chunks of at most this many rows, so
 # that predicting on a large array does not grow the workspace to its size.
@@ -128,7 +127,6 @@ class MLP:
             W[...] = W0
             b[...] = b0
         self._grad = np.empty_like(self.params)
-        self._grad_weights, self._grad_biases = self._layer_views(self._grad)
         # Layer activations during training: logits for the two classification losses.
         self._train_activations = activations + (output or "identity",)
         self._capacity = 0
@@ -200,13 +198,8 @@ class MLP:
 
     def _layer_views(self, flat):
         """Views (W list, b list) into a flat array with the parameter layout."""
-        weights, biases, offset = [], [], 0
-        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
-            weights.append(flat[offset:offset + n_out * n_in].reshape(n_out, n_in))
-            offset += n_out * n_in
-            biases.append(flat[offset:offset + n_out])
-            offset += n_out
-        return weights, biases
+        views = mlp_views(self.sizes, 0, flat, None, None, None)
+        return views[0], views[1]
 
     def __repr__(self):
         act = self.activations[0] if len(set(self.activations)) == 1 else list(self.activations)
@@ -272,17 +265,20 @@ class MLP:
     # -- computation -------------------------------------------------------
 
     def _workspace(self, n):
-        """Activation and delta buffers for a batch of n rows (grown, never shrunk)."""
+        """Per-layer (n, width) activation and delta views for a batch of n rows.
+
+        Backed by two flat buffers sized for the largest batch so far (grown,
+        never shrunk), laid out as `mlp_gradients` expects.
+        """
         if n > self._capacity:
-            widths = self.sizes[1:]
-            self._activations_buf = [np.empty((n, w), self.dtype) for w in widths]
-            self._deltas_buf = [np.empty((n, w), self.dtype) for w in widths]
+            size = n * sum(self.sizes[1:])
+            self._A = np.empty(size, self.dtype)
+            self._D = np.empty(size, self.dtype)
             self._capacity = n
             self._workspace_rows = None
         if self._workspace_rows != n:
-            # A leading block of rows of a C-contiguous array is C-contiguous.
-            self._workspace_views = ([a[:n] for a in self._activations_buf],
-                                     [d[:n] for d in self._deltas_buf])
+            views = mlp_views(self.sizes, n, None, self._A, self._D, None)
+            self._workspace_views = (views[4], views[5])
             self._workspace_rows = n
         return self._workspace_views
 
@@ -317,29 +313,14 @@ class MLP:
                 k.softmax(block, block)
         return out
 
-    def _loss_and_gradients(self, X, y, grad_weights, grad_biases):
-        """Forward, loss and backward on a validated batch; fills the gradient views."""
-        k = self._kernels
-        acts, deltas = self._workspace(X.shape[0])
-        prev = X
-        for l in range(self.n_layers):
-            k.dense_forward(prev, self.weights[l], self.biases[l], self._train_activations[l], acts[l])
-            prev = acts[l]
-        if self.loss == "cross_entropy":
-            loss = k.softmax_cross_entropy(acts[-1], y, deltas[-1])
-        elif self.loss == "mse":
-            loss = k.mean_squared_error(acts[-1], y, self.output, deltas[-1])
-        else:
-            loss = k.binary_cross_entropy_with_logits(acts[-1], y, deltas[-1])
-        for l in range(self.n_layers - 1, -1, -1):
-            if l == 0:
-                k.dense_backward(deltas[0], X, self.weights[0], grad_weights[0], grad_biases[0], None)
-            else:
-                k.dense_backward(deltas[l], acts[l - 1], self.weights[l], grad_weights[l],
-                                 grad_biases[l], deltas[l - 1])
-                k.activation_backward(acts[l - 1], deltas[l - 1], self.activations[l - 1],
-                                      deltas[l - 1])
-        return loss
+    def _loss_and_gradients(self, X, y, grad):
+        """Forward, loss and backward on a validated batch, in one kernel call;
+        fills the flat gradient `grad`. Returns the mean loss."""
+        self._workspace(X.shape[0])
+        labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
+        return self._kernels.mlp_gradients(X, labels, targets, self.params, self.sizes,
+                                           self.activations, self.loss, self._train_activations[-1],
+                                           self._A, self._D, grad)
 
     def gradients(self, X, y):
         """Mean loss and its gradients on a batch; the network is not changed.
@@ -361,8 +342,8 @@ class MLP:
         """
         X, y = self._as_batch(X, y)
         grad = np.empty_like(self.params)
+        loss = self._loss_and_gradients(X, y, grad)
         dW, db = self._layer_views(grad)
-        loss = self._loss_and_gradients(X, y, dW, db)
         return loss, dW, db
 
     def step(self, X, y, optimizer):
@@ -377,7 +358,7 @@ class MLP:
 
     def _step_checked(self, X, y, optimizer):
         """`step` on a batch already validated and converted."""
-        loss = self._loss_and_gradients(X, y, self._grad_weights, self._grad_biases)
+        loss = self._loss_and_gradients(X, y, self._grad)
         if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
             raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
                                      "the network was not updated (lower the learning rate?)")
@@ -503,7 +484,8 @@ class MLP:
             Epochs per trial (default: min(5, epochs)).
         diagnostics : bool
             Record per-layer statistics in the history each epoch
-            (`fastbp.diagnostics.layer_statistics` on up to 256 training samples).
+            (`fastbp.diagnostics.layer_statistics` on the first `batch_size` training
+            samples).
 
         Ctrl-C stops cleanly after the current batch, with the network whole.
         """

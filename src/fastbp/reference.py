@@ -28,11 +28,13 @@ from ._checks import (
     check_adam_state,
     check_call,
     check_choice,
+    check_mlp_call,
     check_no_overlap,
     check_shape,
     empty_batch_error,
     label_error,
 )
+from ._layout import mlp_views
 
 __all__ = [
     "dense_forward",
@@ -45,6 +47,7 @@ __all__ = [
     "sgd_update",
     "adam_update",
     "all_finite",
+    "mlp_gradients",
 ]
 
 
@@ -436,3 +439,61 @@ def all_finite(x):
     """True if no element of `x` (shape (p,)) is NaN or infinite."""
     check_call("all_finite", x=x)
     return bool(np.isfinite(x).all())
+
+
+def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
+    """Loss and gradient of a whole multi-layer perceptron on a batch, in one call.
+
+    The composition of the kernels above: `dense_forward` layer by layer, the
+    loss kernel, then `dense_backward` and `activation_backward` back to the
+    first layer.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, sizes[0])
+        The batch; n >= 1.
+    labels : ndarray of int64, shape (n,), or None
+        Class labels, for loss "cross_entropy" (else None).
+    targets : ndarray, shape (n, sizes[-1]), or None
+        Targets, for "mse" and "binary_cross_entropy" (else None).
+    params : ndarray, shape (p,)
+        Every layer's W (n_out, n_in) then b (n_out,), layer after layer.
+    sizes : sequence of int
+        Layer widths, input first.
+    activations : sequence of str
+        One activation per hidden layer (len(sizes) - 2 names).
+    loss : {"cross_entropy", "mse", "binary_cross_entropy"}
+    output : {"identity", "sigmoid", "tanh"}
+        The output layer's activation; "identity" (logits) unless loss is "mse".
+    A, D : ndarray, shape (>= n * sum(sizes[1:]),)
+        Work buffers, overwritten: layer l's activations (and their gradients)
+        are the (n, sizes[l + 1]) block at offset n * sum(sizes[1:l + 1]).
+    grad : ndarray, shape (p,)
+        Overwritten with the gradient of the mean loss, laid out like params.
+
+    Returns
+    -------
+    float
+        The mean loss.
+    """
+    check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    sizes = tuple(int(s) for s in sizes)
+    layer_acts = tuple(activations) + (output,)
+    Ws, bs, dWs, dbs, As, Ds = mlp_views(sizes, X.shape[0], params, A, D, grad)
+    prev = X
+    for l in range(len(Ws)):
+        dense_forward(prev, Ws[l], bs[l], layer_acts[l], As[l])
+        prev = As[l]
+    if loss == "cross_entropy":
+        value = softmax_cross_entropy(prev, labels, Ds[-1])
+    elif loss == "mse":
+        value = mean_squared_error(prev, targets, output, Ds[-1])
+    else:
+        value = binary_cross_entropy_with_logits(prev, targets, Ds[-1])
+    for l in range(len(Ws) - 1, -1, -1):
+        if l == 0:
+            dense_backward(Ds[0], X, Ws[0], dWs[0], dbs[0], None)
+        else:
+            dense_backward(Ds[l], As[l - 1], Ws[l], dWs[l], dbs[l], Ds[l - 1])
+            activation_backward(As[l - 1], Ds[l - 1], layer_acts[l - 1], Ds[l - 1])
+    return value

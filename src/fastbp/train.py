@@ -14,8 +14,6 @@ import numpy as np
 from .diagnostics import layer_statistics
 from .optim import Optimizer, Schedule
 
-#: Diagnostics are computed each epoch on the first this-many training samples.
-DIAGNOSTIC_ROWS = 256
 
 
 class History:
@@ -202,7 +200,10 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                     record["val_loss"] = net._evaluate_checked(*validation)
                     record["val_score"] = net._score_checked(*validation)
                 if diagnostics:
-                    record["diagnostics"] = layer_statistics(net, X[:DIAGNOSTIC_ROWS], y[:DIAGNOSTIC_ROWS],
+                    # on the first batch's worth of samples: one step's cost, and the
+                    # same BLAS threading as the steps (waking idle threads for a
+                    # larger product cost more than the product itself)
+                    record["diagnostics"] = layer_statistics(net, X[:batch_size], y[:batch_size],
                                                              before=before)
                 record["time"] = time.perf_counter() - start
                 net.epoch_ += 1
