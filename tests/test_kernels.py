@@ -260,6 +260,63 @@ def test_mlp_gradients_is_the_composition_of_the_kernels():
     np.testing.assert_array_equal(fused, stepwise)
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), width=sizes, seed=seeds,
+       loss=st.sampled_from(["cross_entropy", "mse"]), momentum=st.sampled_from([0.0, 0.9]),
+       nesterov=st.booleans(), first_step=st.booleans())
+def test_mlp_sgd_epoch(impl, dtype, n, batch_size, width, seed, loss, momentum, nesterov, first_step):
+    nesterov = nesterov and momentum > 0
+    rng = np.random.default_rng(seed)
+    sizes = (3, width, 2)
+    n_params = 4 * width + (width + 1) * 2
+    X, X64 = draw(rng, (n, 3), dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets, targets64 = draw(rng, (n, 2), dtype) if labels is None else (None, None)
+    order = rng.permutation(n)[: max(1, n - 3)]
+    results = []
+    for mod, dt, Xa, Ta in ((impl, dtype, X, targets), (reference, np.float64, X64, targets64)):
+        params = (rng.__class__(np.random.PCG64(seed)).normal(size=n_params) * 0.5).astype(dt)
+        buf = np.zeros(n_params, dt) if momentum else None
+        rows = min(batch_size, order.size)
+        work = rows * (width + 2)
+        out = mod.mlp_sgd_epoch(
+            Xa, labels, Ta, order, batch_size, params, sizes, ("tanh",), loss, "identity",
+            np.empty(work, dt), np.empty(work, dt), np.empty(n_params, dt), np.empty((rows, 3), dt),
+            None if labels is None else np.empty(rows, np.int64),
+            None if Ta is None else np.empty((rows, 2), dt), buf, np.zeros(1, np.int8), 0.1,
+            momentum=momentum, nesterov=nesterov, first_step=first_step)
+        results.append((out, params))
+    (loss_sum, steps, status), params = results[0]
+    (eloss_sum, esteps, estatus), eparams = results[1]
+    assert (steps, status) == (esteps, estatus) == (-(-order.size // batch_size), 0)
+    if dtype == np.float64:
+        assert_close(np.asarray(loss_sum, dtype), eloss_sum, scale=abs(eloss_sum) + 1)
+        assert_close(params, eparams, scale=np.abs(eparams).max() + 1)
+    else:
+        # up to 30 float32 steps: training feeds each step's rounding into the
+        # next, so the trajectories drift further apart than one kernel call's
+        np.testing.assert_allclose(loss_sum, eloss_sum, rtol=1e-3)
+        np.testing.assert_allclose(params, eparams, rtol=0, atol=1e-3 * (np.abs(eparams).max() + 1))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the reference computes inf - inf
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_mlp_sgd_epoch_stops_when_asked_and_at_non_finite_steps(kernels):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), rng.integers(0, 2, size=20)
+    args = lambda params, stop: (X, y, None, np.arange(20), 5, params, (3, 2), (), "cross_entropy",
+                                 "identity", np.empty(10), np.empty(10), np.empty(8),
+                                 np.empty((5, 3)), np.empty(5, np.int64), None, None, stop)
+    params = np.zeros(8)
+    assert kernels.mlp_sgd_epoch(*args(params, np.ones(1, np.int8)), 0.1)[1:] == (1, 2)
+    params = np.zeros(8)
+    params[0] = np.inf
+    before = params.copy()
+    loss_sum, steps, status = kernels.mlp_sgd_epoch(*args(params, np.zeros(1, np.int8)), 0.1)
+    assert (steps, status) == (0, 1)
+    np.testing.assert_array_equal(params, before)
+
+
 @pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite(kernels, dtype):
@@ -381,6 +438,11 @@ def _bad_calls():
         "mlp: grad is A": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", (w := np.zeros(16)), np.zeros(16), w[:14]), ValueError, "overlaps"),
         "mlp: bad label": (lambda k: k.mlp_gradients(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "y[2] = 2"),
         "mlp: float32 grad": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14, f4)), TypeError, "grad"),
+        "epoch: order out of range": (lambda k: k.mlp_sgd_epoch(X, y, None, np.array([0, 4]), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "order[1] = 4"),
+        "epoch: small X_batch": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((1, 3)), np.zeros(1, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "X_batch"),
+        "epoch: int32 stop": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int32), 0.1), TypeError, "stop"),
+        "epoch: missing buffer": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1, momentum=0.9), ValueError, "momentum_buffer"),
+        "epoch: bad label": (lambda k: k.mlp_sgd_epoch(X, np.array([0, 1, 0, 7]), None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "y[3] = 7"),
         "adam: step 0": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 0, 0.1), ValueError, "step"),
         "adam: read-only param": (lambda k: k.adam_update(ro.reshape(-1), np.ones(8), np.zeros(8), np.zeros(8), None, 1, 0.1), ValueError, "param"),
     }

@@ -41,6 +41,36 @@ def test_fit_in_two_calls_equals_one_call_bit_for_bit(backend, opt_cls, opt_kwar
     assert opts[0].step_count == opts[1].step_count == 5 * 15  # ceil(240 / 17) batches an epoch
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_compiled_sgd_epoch_equals_the_step_by_step_loop(backend, loss, shuffle):
+    class StepByStep(fastbp.SGD):
+        """Not SGD itself: fit runs it one Python step at a time."""
+
+    X, y = blobs(n=100)
+    if loss == "mse":
+        y = np.column_stack([X[:, 0], X[:, 1] * X[:, 2], -X[:, 3]])
+    nets = [make(backend, dtype=np.float32, loss=loss) for _ in range(2)]
+    kwargs = dict(lr=0.02, momentum=0.9, weight_decay=1e-3)
+    opts = [fastbp.SGD(nets[0].params, **kwargs), StepByStep(nets[1].params, **kwargs)]
+    histories = [net.fit(X, y, epochs=3, batch_size=16, optimizer=opt, shuffle=shuffle)
+                 for net, opt in zip(nets, opts)]
+    assert nets[0].params.tobytes() == nets[1].params.tobytes()
+    assert histories[0].loss == histories[1].loss
+    assert opts[0].step_count == opts[1].step_count == 3 * 7
+    np.testing.assert_array_equal(opts[0].momentum_buffer, opts[1].momentum_buffer)
+
+
+def test_diverging_compiled_epoch_raises_with_the_network_whole():
+    X, y = blobs()
+    net = fastbp.MLP([5, 3], loss="mse", dtype=np.float32, seed=0)
+    opt = fastbp.SGD(net.params, lr=1e30)
+    with pytest.raises(FloatingPointError, match="not applied"):
+        net.fit(X, np.full((240, 3), 1e3), epochs=3, optimizer=opt)
+    assert np.isfinite(net.params).all() and opt.step_count >= 1
+
+
 def test_every_sample_once_per_epoch_and_last_batch_smaller():
     X, y = blobs(n=50)
     seen = []
@@ -51,7 +81,7 @@ def test_every_sample_once_per_epoch_and_last_batch_smaller():
             super()._update(grad, kernels)
 
     net = make()
-    opt = Recording(net.params, lr=0.01)
+    opt = Recording(net.params, lr=0.01)  # a subclass: fit takes it step by step
     original = net._step_checked
 
     def step(Xb, yb, optimizer):

@@ -62,6 +62,11 @@ KERNEL_ARRAYS = {
     "adam_update": (("param", 1, "out"), ("grad", 1, "in"), ("exp_avg", 1, "out"),
                     ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
     "all_finite": (("x", 1, "in"),),
+    "mlp_sgd_epoch": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
+                      ("order", 1, "labels"), ("params", 1, "out"), ("A", 1, "out"),
+                      ("D", 1, "out"), ("grad", 1, "out"), ("X_batch", 2, "out"),
+                      ("labels_batch", 1, "out_labels?"), ("targets_batch", 2, "out?"),
+                      ("momentum_buffer", 1, "out"), ("stop", 1, "flag")),
     "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
 }
@@ -78,8 +83,10 @@ def check_call(kernel, **arrays):
         a = arrays[name]
         if a is None and (role == "out" or role.endswith("?")):
             continue
-        if role.startswith("labels"):
-            _check_array(name, a, ndim, LABEL_DTYPE, False)
+        if role.startswith("labels") or role.startswith("out_labels"):
+            _check_array(name, a, ndim, LABEL_DTYPE, role.startswith("out"))
+        elif role == "flag":
+            _check_array(name, a, ndim, np.dtype(np.int8), False)
         else:
             _check_array(name, a, ndim, dtype, role == "out")
             dtype = a.dtype
@@ -186,6 +193,60 @@ def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output,
             check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
     if n == 0:
         raise empty_batch_error("X")
+    if labels is not None:
+        bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
+        if bad.size:
+            raise label_error(bad[0], labels[bad[0]], sizes[-1])
+
+
+def check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                     output, A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer,
+                     momentum, nesterov, dampening, stop):
+    """Every check of `mlp_sgd_epoch`, in the order both backends apply them."""
+    check_call("mlp_sgd_epoch", X=X, labels=labels, targets=targets, order=order, params=params,
+               A=A, D=D, grad=grad, X_batch=X_batch, labels_batch=labels_batch,
+               targets_batch=targets_batch, momentum_buffer=momentum_buffer if momentum else None,
+               stop=stop)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    if momentum and momentum_buffer is None:
+        raise ValueError("momentum_buffer is required when momentum is not 0")
+    check_shape("stop", stop, (1,))
+    n = X.shape[0]
+    check_shape("order", order, (None,))
+    bad = np.flatnonzero((order < 0) | (order >= n))
+    if bad.size:
+        raise ValueError(f"order[{bad[0]}] = {order[bad[0]]} is not a row of X (n = {n})")
+    rows = min(batch_size, order.shape[0])
+    if order.shape[0] == 0:
+        raise ValueError("order is empty: an epoch needs at least one sample")
+    check_shape("X_batch", X_batch, (None, X.shape[1]))
+    if X_batch.shape[0] < rows:
+        raise ValueError(f"X_batch has {X_batch.shape[0]} rows; batches of {rows} need that many")
+    if (labels is None) != (labels_batch is None) or (targets is None) != (targets_batch is None):
+        raise ValueError("labels_batch goes with labels, targets_batch with targets")
+    if labels is not None:
+        check_shape("labels", labels, (n,))
+        check_shape("labels_batch", labels_batch, (X_batch.shape[0],))
+    if targets is not None:
+        check_shape("targets", targets, (n, None))
+        check_shape("targets_batch", targets_batch, (X_batch.shape[0], targets.shape[1]))
+    if momentum:
+        check_shape("momentum_buffer", momentum_buffer, params.shape)
+    arrays = [("X", X), ("labels", labels), ("targets", targets), ("order", order),
+              ("params", params), ("A", A), ("D", D), ("grad", grad), ("X_batch", X_batch),
+              ("labels_batch", labels_batch), ("targets_batch", targets_batch),
+              ("momentum_buffer", momentum_buffer if momentum else None), ("stop", stop)]
+    writable = ("params", "A", "D", "grad", "X_batch", "labels_batch", "targets_batch", "momentum_buffer")
+    for k, (name, a) in enumerate(arrays):
+        if name in writable:
+            check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
+    # the network part, as mlp_gradients checks it, on a full batch
+    check_mlp_call(X_batch[:rows], None if labels is None else labels[order[:rows]],
+                   None if targets is None else targets_batch[:rows], params, sizes, activations,
+                   loss, output, A, D, grad)
     if labels is not None:
         bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
         if bad.size:

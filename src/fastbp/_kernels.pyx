@@ -18,7 +18,8 @@ fused loops over row pointers.
 from cython cimport floating
 from libc.limits cimport INT_MAX
 from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, sqrt, sqrtf, tanh, tanhf
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint32_t, uint64_t
+from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -30,6 +31,7 @@ from fastbp._checks import (
     check_adam_state,
     check_call,
     check_choice,
+    check_epoch_call,
     check_mlp_call,
     empty_batch_error,
     label_error,
@@ -60,6 +62,7 @@ __all__ = [
     "adam_update",
     "all_finite",
     "mlp_gradients",
+    "mlp_sgd_epoch",
 ]
 
 # Activation codes, in the order of fastbp._checks.ACTIVATIONS.
@@ -952,3 +955,110 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
     except (TypeError, ValueError, KeyError, OverflowError):
         check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
         raise ValueError("invalid arguments to mlp_gradients")
+
+
+# ---------------------------------------------------------------------------
+# mlp_sgd_epoch: a whole epoch of SGD in one call
+
+cdef int _reraise() except -1:
+    # Returning -1 from an `except -1` function propagates the error that
+    # PyErr_CheckSignals left set (a signal handler raised).
+    return -1
+
+
+cdef int _sgd_epoch_loop(const floating* X, const int64_t* labels, const floating* T,
+                         const int64_t* order, Py_ssize_t m, Py_ssize_t batch_size,
+                         floating* params, floating* A, floating* D, floating* grad,
+                         floating* Xb, int64_t* Lb, floating* Tb, floating* buf,
+                         const int8_t* stop, Py_ssize_t n_layers, const Py_ssize_t* sizes,
+                         const int* acts, int loss, floating lr, floating momentum,
+                         floating dampening_complement, bint nesterov, floating weight_decay,
+                         bint maximize, bint first_step, double* loss_sum,
+                         Py_ssize_t* steps) noexcept nogil:
+    """Returns 0 (epoch done), 1 (non-finite loss or gradient: batch not applied),
+    2 (stop set) or 3 (a signal handler raised: its error is pending)."""
+    cdef Py_ssize_t lo, i, nb, n_in = sizes[0], n_out = sizes[n_layers], n_params = 0
+    cdef double value
+    cdef int signalled
+    for i in range(n_layers):
+        n_params += (sizes[i] + 1) * sizes[i + 1]
+    lo = 0
+    while lo < m:
+        nb = batch_size if m - lo > batch_size else m - lo
+        for i in range(nb):  # gather the batch's rows
+            memcpy(Xb + i * n_in, X + order[lo + i] * n_in, n_in * sizeof(floating))
+            if Lb != NULL:
+                Lb[i] = labels[order[lo + i]]
+            else:
+                memcpy(Tb + i * n_out, T + order[lo + i] * n_out, n_out * sizeof(floating))
+        _mlp_forward_backward(Xb, Lb, Tb, params, A, D, grad, nb, n_layers, sizes, acts, loss,
+                              &value)
+        if not (value - value == 0) or not _all_finite_loop(grad, n_params):
+            return 1
+        _sgd_loop(params, grad, buf, n_params, lr, momentum, dampening_complement, nesterov,
+                  weight_decay, maximize, first_step and steps[0] == 0)
+        loss_sum[0] += value * nb
+        steps[0] += 1
+        lo += nb
+        with gil:
+            signalled = PyErr_CheckSignals()
+        if signalled < 0:
+            return 3
+        if stop[0]:
+            return 2
+    return 0
+
+
+def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
+                   const floating[:, ::1] targets, const int64_t[::1] order, Py_ssize_t batch_size,
+                   floating[::1] params, tuple sizes, tuple activations, str loss, str output,
+                   floating[::1] A, floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
+                   int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
+                   floating[::1] momentum_buffer, const int8_t[::1] stop, double lr,
+                   double momentum, double dampening, bint nesterov, double weight_decay,
+                   bint maximize, bint first_step):
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    if n_layers > MAX_LAYERS:
+        raise ValueError(f"at most {MAX_LAYERS} layers")
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+    for l in range(n_layers - 1):
+        acts[l] = _ACTIVATION_CODES[activations[l]]
+    acts[n_layers - 1] = _ACTIVATION_CODES[output]
+    cdef double loss_sum = 0
+    cdef Py_ssize_t steps = 0
+    cdef int status
+    cdef int loss_code = _LOSS_CODES[loss]
+    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
+    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
+    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
+    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
+    cdef floating* pbuf = &momentum_buffer[0] if momentum != 0 else NULL
+    with nogil:
+        status = _sgd_epoch_loop(
+            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
+            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, pbuf, &stop[0],
+            n_layers, c_sizes, acts, loss_code, <floating>lr, <floating>momentum,
+            <floating>(1 - dampening), nesterov, <floating>weight_decay, maximize, first_step,
+            &loss_sum, &steps)
+    if status == 3:
+        _reraise()
+    return loss_sum, steps, status
+
+
+def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                  A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, stop, lr,
+                  momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+                  first_step=False):
+    """One epoch of mini-batch SGD on a whole network in one call, without the GIL
+    but for a signal check after every batch. See `fastbp.reference.mlp_sgd_epoch`."""
+    # One epoch is many steps: the full checks in Python cost nothing here.
+    check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                     A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, momentum,
+                     nesterov, dampening, stop)
+    return _mlp_sgd_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
+                          tuple(activations), loss, output, A, D, grad, X_batch, labels_batch,
+                          targets_batch, momentum_buffer if momentum != 0 else None, stop, lr,
+                          momentum, dampening, nesterov, weight_decay, maximize, first_step)

@@ -365,6 +365,37 @@ class MLP:
         optimizer._apply(self._grad, optimizer._kernels or self._kernels)  # clips in place
         return loss
 
+    def _sgd_epoch(self, X, y, order, batch_size, optimizer, stop):
+        """One epoch of plain SGD in one compiled call (`mlp_sgd_epoch`).
+
+        Returns (sum of batch losses times batch sizes, samples used). Raises
+        FloatingPointError at a batch whose loss or gradient is not finite; the
+        updates before it stay, that batch is not applied.
+        """
+        n = X.shape[0]
+        order = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64, copy=False)
+        rows = min(batch_size, n)
+        self._workspace(rows)
+        if getattr(self, "_batch_rows", 0) < rows:
+            self._X_batch = np.empty((rows, self.n_features), self.dtype)
+            self._y_batch = (np.empty(rows, np.int64) if self.loss == "cross_entropy"
+                             else np.empty((rows, self.n_outputs), self.dtype))
+            self._batch_rows = rows
+        labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
+        Xb = self._X_batch
+        lb, tb = (self._y_batch[:Xb.shape[0]], None) if labels is not None else (None, self._y_batch)
+        o = optimizer
+        total, steps, status = self._kernels.mlp_sgd_epoch(
+            X, labels, targets, order, batch_size, self.params, self.sizes, self.activations,
+            self.loss, self._train_activations[-1], self._A, self._D, self._grad, Xb, lb, tb,
+            o.momentum_buffer, stop, o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay,
+            o.maximize, o.step_count == 0)
+        o.step_count += steps
+        if status == 1:
+            raise FloatingPointError("a batch's loss or gradient is not finite; it was not applied "
+                                     f"(after {steps} good steps this epoch; lower the learning rate?)")
+        return total, min(steps * batch_size, n)
+
     # -- evaluation ---------------------------------------------------------
 
     def _evaluate_checked(self, X, y):
@@ -488,6 +519,8 @@ class MLP:
             samples).
 
         Ctrl-C stops cleanly after the current batch, with the network whole.
+        With `SGD` (without max_grad_norm) each epoch runs as one compiled call
+        (`mlp_sgd_epoch`); other optimizers run one compiled step per batch.
         """
         epochs = _train.check_positive_int("epochs", epochs, minimum=0)
         batch_size = _train.check_positive_int("batch_size", batch_size)

@@ -28,6 +28,7 @@ from ._checks import (
     check_adam_state,
     check_call,
     check_choice,
+    check_epoch_call,
     check_mlp_call,
     check_no_overlap,
     check_shape,
@@ -48,6 +49,7 @@ __all__ = [
     "adam_update",
     "all_finite",
     "mlp_gradients",
+    "mlp_sgd_epoch",
 ]
 
 
@@ -497,3 +499,61 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
             dense_backward(Ds[l], As[l - 1], Ws[l], dWs[l], dbs[l], Ds[l - 1])
             activation_backward(As[l - 1], Ds[l - 1], layer_acts[l - 1], Ds[l - 1])
     return value
+
+
+def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                  A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, stop, lr,
+                  momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+                  first_step=False):
+    """One epoch of mini-batch SGD on a whole network: for each batch of `order`,
+    gather its rows, `mlp_gradients`, then `sgd_update`.
+
+    Parameters
+    ----------
+    X, labels, targets : the training set, as `mlp_gradients` takes a batch
+        (labels (N,) for cross_entropy, else targets (N, sizes[-1])).
+    order : ndarray of int64, shape (m,)
+        Rows of X in the order they are used; batch k is
+        ``order[k * batch_size:(k + 1) * batch_size]`` (the last may be smaller).
+    batch_size : int
+    params, sizes, activations, loss, output, A, D, grad
+        As `mlp_gradients` (work buffers sized for batch_size rows).
+    X_batch : ndarray, shape (>= min(batch_size, m), sizes[0])
+    labels_batch : ndarray of int64, shape (X_batch rows,), or None
+    targets_batch : ndarray, shape (X_batch rows, sizes[-1]), or None
+        Buffers the batch rows are gathered into.
+    momentum_buffer : ndarray, shape (p,), or None
+    stop : ndarray of int8, shape (1,)
+        Checked after every step: non-zero ends the epoch there (set it from
+        a signal handler to stop after the current batch).
+    lr, momentum, dampening, nesterov, weight_decay, maximize, first_step
+        As `sgd_update`; first_step applies to the epoch's first step only.
+
+    Returns
+    -------
+    (loss_sum, steps, status)
+        loss_sum: the batches' mean losses weighted by their sizes; steps: the
+        updates made; status: 0 when the epoch is complete, 1 when it stopped
+        at a batch whose loss or gradient is not finite (that batch was not
+        applied), 2 when `stop` was set.
+    """
+    check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                     A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, momentum,
+                     nesterov, dampening, stop)
+    loss_sum, steps = 0.0, 0
+    for lo in range(0, order.shape[0], batch_size):
+        rows = order[lo:lo + batch_size]
+        nb = rows.shape[0]
+        Xb = np.take(X, rows, axis=0, out=X_batch[:nb])
+        lb = None if labels is None else np.take(labels, rows, out=labels_batch[:nb])
+        tb = None if targets is None else np.take(targets, rows, axis=0, out=targets_batch[:nb])
+        value = mlp_gradients(Xb, lb, tb, params, sizes, activations, loss, output, A, D, grad)
+        if not (np.isfinite(value) and all_finite(grad)):
+            return loss_sum, steps, 1
+        sgd_update(params, grad, momentum_buffer if momentum else None, lr, momentum, dampening,
+                   nesterov, weight_decay, maximize, first_step and steps == 0)
+        loss_sum += value * nb
+        steps += 1
+        if stop[0]:
+            return loss_sum, steps, 2
+    return loss_sum, steps, 0

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .diagnostics import layer_statistics
-from .optim import Optimizer, Schedule
+from .optim import SGD, Optimizer, Schedule
 
 
 
@@ -105,13 +105,15 @@ def _deferred_interrupt():
     Outside the main thread signal handlers cannot be set; there Ctrl-C keeps
     its usual effect.
     """
-    state = {"interrupted": False}
+    # "stop" is what a compiled epoch checks after every batch.
+    state = {"interrupted": False, "stop": np.zeros(1, np.int8)}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
     def handler(signum, frame):
         state["interrupted"] = True
+        state["stop"][0] = 1
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -183,17 +185,21 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                 start = time.perf_counter()
                 before = net.params.copy() if diagnostics else None
                 order = net._rng.permutation(n) if shuffle else None
-                total, seen = 0.0, 0
-                for lo in range(0, n, batch_size):
-                    if order is None:
-                        Xb, yb = X[lo:lo + batch_size], y[lo:lo + batch_size]
-                    else:
-                        rows = order[lo:lo + batch_size]
-                        Xb, yb = X[rows], y[rows]
-                    total += net._step_checked(Xb, yb, optimizer) * Xb.shape[0]
-                    seen += Xb.shape[0]
-                    if interrupt["interrupted"]:
-                        break
+                if type(optimizer) is SGD and optimizer.max_grad_norm is None:
+                    # the whole epoch in one compiled call
+                    total, seen = net._sgd_epoch(X, y, order, batch_size, optimizer, interrupt["stop"])
+                else:
+                    total, seen = 0.0, 0
+                    for lo in range(0, n, batch_size):
+                        if order is None:
+                            Xb, yb = X[lo:lo + batch_size], y[lo:lo + batch_size]
+                        else:
+                            rows = order[lo:lo + batch_size]
+                            Xb, yb = X[rows], y[rows]
+                        total += net._step_checked(Xb, yb, optimizer) * Xb.shape[0]
+                        seen += Xb.shape[0]
+                        if interrupt["interrupted"]:
+                            break
                 record = {"epoch": epoch, "loss": total / seen, "val_loss": None, "val_score": None,
                           "lr": optimizer.lr, "time": None, "diagnostics": None}
                 if validation is not None:
