@@ -1,5 +1,6 @@
 """fit, partial_fit, predict/score, schedules, early stopping, restarts and interruption."""
 
+import re
 import signal
 
 import numpy as np
@@ -333,3 +334,23 @@ def test_bad_fit_arguments_change_nothing(kwargs, exc_type, message):
     with pytest.raises(exc_type, match=message):
         net.fit(X, y, **kwargs)
     assert net.params.tobytes() == before and net.epoch_ == 0
+
+
+def test_verbose_prints_a_line_per_epoch(capsys):
+    X, y = blobs()
+    make().fit(X, y, epochs=3, verbose=True, validation_fraction=0.2)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert all(re.match(r"epoch +\d+ +loss [0-9.]+ +val_loss [0-9.]+ +val_score [0-9.]+ +lr", l) for l in lines)
+
+
+def test_progress_bar(capsys, monkeypatch):
+    pytest.importorskip("tqdm")
+    X, y = blobs()
+    make().fit(X, y, epochs=2, progress=True)
+    assert "2/2" in capsys.readouterr().err
+    make().fit(X, y, epochs=2)  # progress=None: stderr is not a terminal here, no bar
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="pip install tqdm"):
+        make().fit(X, y, epochs=1, progress=True)
