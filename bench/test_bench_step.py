@@ -1,33 +1,44 @@
-"""Training-step throughput of fastbp on each backend (first measurements, issue 2)."""
+"""Training-step throughput: fastbp against its peers, grouped by workload and dtype.
+
+Run: ``pytest bench --benchmark-only -k "step and mnist"`` (the large workload
+takes about a second a step). `python -m fastbp bench` prints the same
+comparison as a table of ratios from interleaved rounds, which is the fairer
+measurement on a noisy machine.
+"""
 
 import numpy as np
 import pytest
 
 import fastbp
+from fastbp.bench import WORKLOADS, GemmFloor, NumpyStep, make_batch, torch_step
 
-WORKLOADS = {
-    "tiny": ([64, 32, 10], 32),
-    "mnist": ([784, 256, 128, 10], 128),
-}
+PEERS = ["fastbp-cython", "fastbp-numpy", "numpy-strong", "gemm-floor", "torch"]
 
 
-def setup(sizes, batch, dtype, backend):
-    rng = np.random.default_rng(0)
-    net = fastbp.MLP(sizes, activation="relu", loss="cross_entropy", dtype=dtype, seed=0,
-                     backend=backend)
-    X = rng.normal(size=(batch, sizes[0])).astype(dtype)
-    y = rng.integers(0, sizes[-1], size=batch)
-    return net, fastbp.SGD(net.params, lr=0.01), X, y
+def build(peer, sizes, batch, loss, dtype):
+    X, y = make_batch(sizes, batch, loss, dtype)
+    net = fastbp.MLP(sizes, activation="relu", loss=loss, dtype=dtype, seed=0,
+                     backend="numpy" if peer == "fastbp-numpy" else "cython")
+    if peer.startswith("fastbp"):
+        return net.step, (X, y, fastbp.SGD(net.params, lr=0.01))
+    if peer == "numpy-strong":
+        return NumpyStep(net.weights, net.biases, loss, batch), (X, y)
+    if peer == "gemm-floor":
+        return GemmFloor(net.weights, batch), (X, y)
+    step = torch_step(net.weights, net.biases, loss)
+    if step is None:
+        pytest.skip("torch is not installed (an optional peer)")
+    import torch
+
+    return step, (torch.from_numpy(X), torch.from_numpy(y))
 
 
-@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+@pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("backend", ["cython", "numpy"])
-def test_step(record_threads, workload, dtype, backend):
-    sizes, batch = WORKLOADS[workload]
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_step(record_threads, workload, dtype, peer):
+    sizes, batch, loss = WORKLOADS[workload]
     record_threads.group = f"step {workload} {np.dtype(dtype).name}"
-    net, opt, X, y = setup(sizes, batch, dtype, backend)
-    # the two backends compute the same step: check once before timing
-    twin, twin_opt, _, _ = setup(sizes, batch, dtype, "numpy")
-    assert np.isclose(net.step(X, y, opt), twin.step(X, y, twin_opt), rtol=1e-4)
-    record_threads(net.step, X, y, opt)
+    fn, args = build(peer, sizes, batch, loss, dtype)
+    record_threads(fn, *args)
+

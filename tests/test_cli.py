@@ -83,3 +83,42 @@ def test_bad_learning_rate_is_a_usage_error(capsys):
 def test_spirals_shape_and_classes():
     X, y = spirals(n_per_class=50, n_classes=4, seed=1)
     assert X.shape == (200, 2) and sorted(set(y)) == [0, 1, 2, 3]
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--workloads", "tiny", "--dtype", "float32,float64", "--seconds", "0.05",
+                 "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "% GEMM floor" in result.stdout and "BLAS threads" in result.stdout
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["workload"], r["dtype"]) for r in rows] == [("tiny", "float32"), ("tiny", "float64")]
+    for r in rows:
+        assert {"fastbp-cython", "fastbp-numpy", "numpy-strong", "gemm-floor"} <= set(r["steps_per_s"])
+        assert all(v > 0 for v in r["steps_per_s"].values())
+
+
+def test_bench_rejects_unknown_workloads(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--workloads", "huge"])
+    assert "unknown workload 'huge'" in capsys.readouterr().err
+
+
+def test_strong_numpy_step_is_the_same_step():
+    # the peer must compute what fastbp computes, or the comparison means nothing
+    import numpy as np
+
+    import fastbp
+    from fastbp.bench import NumpyStep, make_batch
+
+    for loss, sizes in (("cross_entropy", [6, 5, 4, 3]), ("mse", [6, 5, 3])):
+        X, y = make_batch(sizes, 8, loss, np.float64)
+        net = fastbp.MLP(sizes, activation="relu", loss=loss, dtype=np.float64, seed=0)
+        peer = NumpyStep(net.weights, net.biases, loss, 8, lr=0.1)
+        opt = fastbp.SGD(net.params, lr=0.1)
+        for _ in range(3):
+            assert peer(X, y) == pytest.approx(net.step(X, y, opt), rel=1e-12)
+        for a, b in zip(peer.W + peer.b, net.weights + net.biases):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -113,6 +113,12 @@ def _vanishing(args):
     return 0
 
 
+def _bench(args):
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -159,6 +165,18 @@ def build_parser():
     vanishing.add_argument("--lr", type=float, default=0.1)
     vanishing.add_argument("--seed", type=int, default=0)
     vanishing.set_defaults(func=_vanishing)
+
+    bench = commands.add_parser(
+        "bench", help="training-step speed against NumPy, PyTorch and the GEMM floor",
+        description="Steps per second of fastbp's compiled step, and its speed-up over the "
+                    "NumPy reference backend, a strong hand-written NumPy step and PyTorch "
+                    "eager (when installed), with the percentage of the GEMM floor reached.")
+    bench.add_argument("--workloads", default="tiny,small,mnist",
+                       help="comma-separated, of tiny, small, mnist, wide, large")
+    bench.add_argument("--dtype", default="float32", help="float32, float64 or both, comma-separated")
+    bench.add_argument("--seconds", type=float, default=1.0, help="measuring time per workload")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.set_defaults(func=_bench)
     return parser
 
 
