@@ -98,21 +98,24 @@ SGD_OPTIONS = [
 def test_sgd_steps_match_torch_optim(options, backend, dtype):
     net = fastbp.MLP([6, 7, 5, 3], activation=["tanh", "relu"], dtype=dtype, seed=3, backend=backend)
     params = as_torch(net)
-    opt = fastbp.SGD(net.params, **options)
-    topt = torch.optim.SGD(params, **options)
-    for step in range(6):
+    train_side_by_side(net, fastbp.SGD(net.params, **options), params,
+                       torch.optim.SGD(params, **options), steps=6)
+
+
+def train_side_by_side(net, opt, params, topt, steps):
+    """`steps` training steps of net/opt and of the torch twin; both must agree throughout."""
+    tol = 1e-10 if net.dtype == np.float64 else 1e-5
+    for step in range(steps):
         X, y = data(net, seed=step)
         loss = net.step(X, y, opt)
         topt.zero_grad()
-        tloss = torch_loss(net, params, torch.tensor(X.astype(dtype)), torch.tensor(y))
+        tloss = torch_loss(net, params, torch.tensor(X.astype(net.dtype)), torch.tensor(y))
         tloss.backward()
         topt.step()
-        tol = 1e-10 if dtype == np.float64 else 1e-5
         assert loss == pytest.approx(tloss.item(), rel=tol)
     ours = [a for pair in zip(net.weights, net.biases) for a in pair]
     for a, t in zip(ours, params):
         np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol * np.abs(a).max())
-
 
 ADAM_OPTIONS = [
     (fastbp.Adam, torch.optim.Adam, dict(lr=0.01)),
@@ -130,21 +133,7 @@ ADAM_OPTIONS = [
 def test_adam_steps_match_torch_optim(ours, theirs, options, backend, dtype):
     net = fastbp.MLP([6, 7, 5, 3], activation=["tanh", "relu"], dtype=dtype, seed=4, backend=backend)
     params = as_torch(net)
-    opt = ours(net.params, **options)
-    topt = theirs(params, **options)
-    tol = 1e-10 if dtype == np.float64 else 1e-5
-    for step in range(8):
-        X, y = data(net, seed=step)
-        loss = net.step(X, y, opt)
-        topt.zero_grad()
-        tloss = torch_loss(net, params, torch.tensor(X.astype(dtype)), torch.tensor(y))
-        tloss.backward()
-        topt.step()
-        assert loss == pytest.approx(tloss.item(), rel=tol)
-    ours_params = [a for pair in zip(net.weights, net.biases) for a in pair]
-    for a, t in zip(ours_params, params):
-        np.testing.assert_allclose(a, t.detach().numpy(), rtol=tol, atol=tol * np.abs(a).max())
-
+    train_side_by_side(net, ours(net.params, **options), params, theirs(params, **options), steps=8)
 
 def test_clipping_matches_clip_grad_norm():
     net = fastbp.MLP([6, 7, 3], dtype=np.float64, seed=5)
