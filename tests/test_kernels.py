@@ -499,3 +499,15 @@ def test_float32_tanh_is_accurate_to_a_few_ulp():
     result = _kernels.dense_forward(special, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
                                     "tanh", np.empty_like(special))
     assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, -1.0, 0.0]
+
+
+def test_type_stubs_match_the_kernels():
+    import ast
+    import pathlib
+
+    stub = pathlib.Path(_kernels.__file__).with_name("_kernels.pyi")
+    functions = {node.name: [a.arg for a in node.args.args]
+                 for node in ast.parse(stub.read_text()).body if isinstance(node, ast.FunctionDef)}
+    assert sorted(functions) == PUBLIC
+    for name, params in functions.items():
+        assert params == list(inspect.signature(getattr(_kernels, name)).parameters), name

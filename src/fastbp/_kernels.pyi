@@ -1,11 +1,12 @@
 # Type stubs of the compiled kernels; semantics in fastbp/reference.py.
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 Activation = Literal["identity", "sigmoid", "tanh", "relu", "leaky_relu"]
 OutputActivation = Literal["identity", "sigmoid", "tanh"]
+Loss = Literal["cross_entropy", "mse", "binary_cross_entropy"]
 Float = NDArray[np.floating]
 
 DEBUG_BUILD: bool
@@ -23,3 +24,20 @@ def sgd_update(param: Float, grad: Float, momentum_buffer: Optional[Float], lr: 
                momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                weight_decay: float = 0.0, maximize: bool = False, first_step: bool = False) -> None: ...
 def all_finite(x: Float) -> bool: ...
+def adam_update(param: Float, grad: Float, exp_avg: Float, exp_avg_sq: Float,
+                max_exp_avg_sq: Optional[Float], step: int, lr: float, beta1: float = 0.9,
+                beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                maximize: bool = False) -> None: ...
+def mlp_gradients(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                  params: Float, sizes: Sequence[int], activations: Sequence[Activation],
+                  loss: Loss, output: OutputActivation, A: Float, D: Float, grad: Float) -> float: ...
+def mlp_sgd_epoch(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                  order: NDArray[np.int64], batch_size: int, params: Float, sizes: Sequence[int],
+                  activations: Sequence[Activation], loss: Loss, output: OutputActivation,
+                  A: Float, D: Float, grad: Float, X_batch: Float,
+                  labels_batch: Optional[NDArray[np.int64]], targets_batch: Optional[Float],
+                  momentum_buffer: Optional[Float], stop: NDArray[np.int8], lr: float,
+                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                  weight_decay: float = 0.0, maximize: bool = False,
+                  first_step: bool = False) -> Tuple[float, int, int]: ...
