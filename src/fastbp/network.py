@@ -282,6 +282,19 @@ class MLP:
             self._workspace_rows = n
         return self._workspace_views
 
+    def _hidden_forward(self, X):
+        """The hidden layers on a validated chunk, through the workspace.
+
+        Returns the last hidden activation (X itself without hidden layers) and
+        the workspace's per-layer views for this chunk.
+        """
+        acts, _ = self._workspace(X.shape[0])
+        prev = X
+        for l in range(self.n_layers - 1):
+            self._kernels.dense_forward(prev, self.weights[l], self.biases[l], self.activations[l], acts[l])
+            prev = acts[l]
+        return prev, acts
+
     def forward(self, X):
         """Outputs of the network for a batch.
 
@@ -302,11 +315,7 @@ class MLP:
         final = "sigmoid" if self.loss == "binary_cross_entropy" else self._train_activations[-1]
         for start in range(0, X.shape[0], _FORWARD_CHUNK):
             stop = min(start + _FORWARD_CHUNK, X.shape[0])
-            acts, _ = self._workspace(stop - start)
-            prev = X[start:stop]
-            for l in range(last):
-                k.dense_forward(prev, self.weights[l], self.biases[l], self.activations[l], acts[l])
-                prev = acts[l]
+            prev, _ = self._hidden_forward(X[start:stop])
             block = out[start:stop]
             k.dense_forward(prev, self.weights[last], self.biases[last], final, block)
             if self.loss == "cross_entropy":
@@ -400,14 +409,13 @@ class MLP:
 
     def _evaluate_checked(self, X, y):
         """Mean loss on validated arrays, through the workspace in chunks (no gradient)."""
-        k, total = self._kernels, 0.0
+        k, total, last = self._kernels, 0.0, self.n_layers - 1
         for start in range(0, X.shape[0], _FORWARD_CHUNK):
             Xc, yc = X[start:start + _FORWARD_CHUNK], y[start:start + _FORWARD_CHUNK]
-            acts, _ = self._workspace(Xc.shape[0])
-            prev = Xc
-            for l in range(self.n_layers):
-                k.dense_forward(prev, self.weights[l], self.biases[l], self._train_activations[l], acts[l])
-                prev = acts[l]
+            prev, acts = self._hidden_forward(Xc)
+            k.dense_forward(prev, self.weights[last], self.biases[last], self._train_activations[last],
+                            acts[last])
+            prev = acts[last]
             if self.loss == "cross_entropy":
                 loss = k.softmax_cross_entropy(prev, yc, None)
             elif self.loss == "mse":
