@@ -310,17 +310,45 @@ class MLP:
         """
         X = self._as_input(X)
         out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
-        k = self._kernels
-        last = self.n_layers - 1
-        final = "sigmoid" if self.loss == "binary_cross_entropy" else self._train_activations[-1]
+        self._forward_checked(X, out=out)
+        return out
+
+    def _forward_checked(self, X, y=None, out=None):
+        """One pass over validated X, in chunks through the workspace.
+
+        Writes the network's outputs (what `forward` returns) into `out` when
+        given, and returns the mean loss against `y` when given (else None):
+        validation needs both, and gets them from one pass.
+        """
+        k, last, total = self._kernels, self.n_layers - 1, 0.0
+        W, b = self.weights[last], self.biases[last]
         for start in range(0, X.shape[0], _FORWARD_CHUNK):
             stop = min(start + _FORWARD_CHUNK, X.shape[0])
-            prev, _ = self._hidden_forward(X[start:stop])
-            block = out[start:stop]
-            k.dense_forward(prev, self.weights[last], self.biases[last], final, block)
-            if self.loss == "cross_entropy":
-                k.softmax(block, block)
-        return out
+            prev, acts = self._hidden_forward(X[start:stop])
+            block = None if out is None else out[start:stop]
+            if y is None and block is not None and self.loss != "binary_cross_entropy":
+                Z = block  # outputs only: the last layer writes straight into them
+            else:
+                Z = acts[last]
+            # logits for the two classification losses, outputs for mse
+            k.dense_forward(prev, W, b, self._train_activations[last], Z)
+            if y is not None:
+                yc = y[start:stop]
+                if self.loss == "cross_entropy":
+                    loss = k.softmax_cross_entropy(Z, yc, None)
+                elif self.loss == "mse":
+                    loss = k.mean_squared_error(Z, yc, self.output, None)
+                else:
+                    loss = k.binary_cross_entropy_with_logits(Z, yc, None)
+                total += loss * (stop - start)
+            if block is not None:
+                if self.loss == "cross_entropy":
+                    k.softmax(Z, block)
+                elif self.loss == "binary_cross_entropy":
+                    k.dense_forward(prev, W, b, "sigmoid", block)
+                elif Z is not block:
+                    block[...] = Z
+        return None if y is None else total / X.shape[0]
 
     def _loss_and_gradients(self, X, y, grad):
         """Forward, loss and backward on a validated batch, in one kernel call;
@@ -408,22 +436,8 @@ class MLP:
     # -- evaluation ---------------------------------------------------------
 
     def _evaluate_checked(self, X, y):
-        """Mean loss on validated arrays, through the workspace in chunks (no gradient)."""
-        k, total, last = self._kernels, 0.0, self.n_layers - 1
-        for start in range(0, X.shape[0], _FORWARD_CHUNK):
-            Xc, yc = X[start:start + _FORWARD_CHUNK], y[start:start + _FORWARD_CHUNK]
-            prev, acts = self._hidden_forward(Xc)
-            k.dense_forward(prev, self.weights[last], self.biases[last], self._train_activations[last],
-                            acts[last])
-            prev = acts[last]
-            if self.loss == "cross_entropy":
-                loss = k.softmax_cross_entropy(prev, yc, None)
-            elif self.loss == "mse":
-                loss = k.mean_squared_error(prev, yc, self.output, None)
-            else:
-                loss = k.binary_cross_entropy_with_logits(prev, yc, None)
-            total += loss * Xc.shape[0]
-        return total / X.shape[0]
+        """Mean loss on validated arrays (no gradient)."""
+        return self._forward_checked(X, y)
 
     def evaluate(self, X, y):
         """Mean loss on (X, y), as `gradients` computes it, without gradients."""
@@ -450,7 +464,13 @@ class MLP:
         return self.forward(X)
 
     def _score_checked(self, X, y):
-        pred = self._predict_from_output(self.forward(X))
+        out = np.empty((X.shape[0], self.n_outputs), dtype=self.dtype)
+        self._forward_checked(X, out=out)
+        return self._score_outputs(out, y)
+
+    def _score_outputs(self, out, y):
+        """`score` from the network's outputs on validated targets."""
+        pred = self._predict_from_output(out)
         if self.loss == "cross_entropy":
             return float(np.mean(pred == y))
         if self.loss == "binary_cross_entropy":

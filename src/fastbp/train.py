@@ -203,8 +203,10 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                 record = {"epoch": epoch, "loss": total / seen, "val_loss": None, "val_score": None,
                           "lr": optimizer.lr, "time": None, "diagnostics": None}
                 if validation is not None:
-                    record["val_loss"] = net._evaluate_checked(*validation)
-                    record["val_score"] = net._score_checked(*validation)
+                    Xv, yv = validation
+                    outputs = np.empty((Xv.shape[0], net.n_outputs), net.dtype)
+                    record["val_loss"] = net._forward_checked(Xv, yv, out=outputs)
+                    record["val_score"] = net._score_outputs(outputs, yv)
                 if diagnostics:
                     # on the first batch's worth of samples: one step's cost, and the
                     # same BLAS threading as the steps (waking idle threads for a
