@@ -301,6 +301,75 @@ def test_mlp_sgd_epoch(impl, dtype, n, batch_size, width, seed, loss, momentum, 
         np.testing.assert_allclose(params, eparams, rtol=0, atol=1e-3 * (np.abs(eparams).max() + 1))
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=st.integers(1, 12), depth=st.integers(0, 3), width=sizes, seed=seeds,
+       loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
+       momentum=st.sampled_from([0.0, 0.9]), dampening=st.sampled_from([0.0, 0.3]),
+       nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 0.01]), maximize=st.booleans(),
+       first_step=st.booleans())
+def test_mlp_sgd_step(impl, dtype, n, depth, width, seed, loss, momentum, dampening, nesterov,
+                      weight_decay, maximize, first_step):
+    # every path of the compiled step (folded, momentum, unfolded) against
+    # mlp_gradients then sgd_update in float64
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    rng = np.random.default_rng(seed)
+    sizes = (3,) + (width,) * depth + (2,)
+    acts = tuple(rng.choice(ACTIVATIONS, size=depth))
+    output = "sigmoid" if loss == "mse" else "identity"
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    work = n * sum(sizes[1:])
+    X, X64 = draw(rng, (n, 3), dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets, targets64 = draw(rng, (n, 2), dtype, 0, 1) if labels is None else (None, None)
+    params, params64 = draw(rng, (n_params,), dtype)
+    buf, buf64 = draw(rng, (n_params,), dtype)
+    kwargs = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
+                  weight_decay=weight_decay, maximize=maximize, first_step=first_step)
+    value, status = impl.mlp_sgd_step(X, labels, targets, params, sizes, acts, loss, output,
+                                      np.empty(work, dtype), np.empty(work, dtype),
+                                      np.empty(n_params, dtype), buf, 0.1, **kwargs)
+    grad = np.empty(n_params)
+    evalue = reference.mlp_gradients(X64, labels, targets64, params64, sizes, acts, loss, output,
+                                     np.empty(work), np.empty(work), grad)
+    reference.sgd_update(params64, grad, buf64 if momentum else None, 0.1, **kwargs)
+    assert status == 0
+    slack = 1 if dtype == np.float64 else 10
+    assert_close(np.asarray(value, dtype), evalue, scale=slack * (abs(evalue) + 1))
+    scale = slack * (np.abs(params64).max() + np.abs(grad).max() + 1)
+    assert_close(params, params64, scale=scale)
+    if momentum:
+        assert_close(buf, buf64, scale=scale)
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("case, w0, status", [
+    ("the loss is not finite", np.inf, 1),
+    ("dW = dZ.T @ X overflows float32 (2e40)", 1e-20, 1),
+    # beyond the bound the folded step can prove safe (2**128), yet finite (2e38)
+    ("the gradient is finite but near the float32 limit", 1e-22, 0),
+])
+def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, case, w0, status):
+    # one sample, one linear unit, mse: A = 1e30 * w0, dZ = 2 * A, dW = dZ * 1e30
+    X = np.array([[1e30, 0.0]], np.float32)
+    params = np.array([w0, 0.0, 0.0], np.float32)
+    buf = np.full(3, 0.5, np.float32)
+    before = params.copy(), buf.copy()
+    with np.errstate(all="ignore"):
+        value, got = kernels.mlp_sgd_step(X, None, np.zeros((1, 1), np.float32), params, (2, 1), (),
+                                          "mse", "identity", np.empty(1, np.float32),
+                                          np.empty(1, np.float32), np.empty(3, np.float32), buf,
+                                          1e-30, momentum=momentum)
+    assert got == status, case
+    if status:
+        np.testing.assert_array_equal(params, before[0])
+        np.testing.assert_array_equal(buf, before[1])
+    else:
+        # W -= lr * (buf * momentum + dW), dW = 2e38
+        expected = w0 - 1e-30 * (0.5 * momentum + 2 * (1e30 * np.float32(w0)) * 1e30)
+        np.testing.assert_allclose(params[0], expected, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the reference computes inf - inf
 @pytest.mark.parametrize("kernels", BACKENDS)
 def test_mlp_sgd_epoch_stops_when_asked_and_at_non_finite_steps(kernels):
@@ -426,6 +495,13 @@ def _bad_calls():
         "sgd: reversed param": (lambda k: k.sgd_update(np.zeros(5)[::-1], np.ones(5), None, 0.1), ValueError, "param"),
         "sgd: read-only param": (lambda k: k.sgd_update(ro.reshape(-1), np.ones(8), None, 0.1), ValueError, "param"),
         "all_finite: 2-D": (lambda k: k.all_finite(Z), ValueError, "x"),
+        "step: missing buffer": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1, momentum=0.9), ValueError, "momentum_buffer"),
+        "step: buffer size": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(13), 0.1, momentum=0.9), ValueError, "momentum_buffer"),
+        "step: float32 buffer": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(14, f4), 0.1, momentum=0.9), TypeError, "momentum_buffer"),
+        "step: buffer is grad": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), (g := np.zeros(14)), g, 0.1, momentum=0.9), ValueError, "overlaps"),
+        "step: nesterov without momentum": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1, nesterov=True), ValueError, "Nesterov"),
+        "step: bad label": (lambda k: k.mlp_sgd_step(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1), ValueError, "y[2] = 2"),
+        "step: small work buffer": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(15), np.zeros(16), np.zeros(14), None, 0.1), ValueError, "at least 16"),
         "adam: grad size": (lambda k: k.adam_update(p, np.ones(4), np.zeros(5), np.zeros(5), None, 1, 0.1), ValueError, "grad"),
         "adam: exp_avg size": (lambda k: k.adam_update(p, np.ones(5), np.zeros(4), np.zeros(5), None, 1, 0.1), ValueError, "exp_avg"),
         "adam: float32 state": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5, f4), np.zeros(5), None, 1, 0.1), TypeError, "exp_avg"),

@@ -69,6 +69,7 @@ KERNEL_ARRAYS = {
                       ("momentum_buffer", 1, "out"), ("stop", 1, "flag")),
     "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
+    "mlp_sgd_step": (("momentum_buffer", 1, "out"),),
 }
 
 
@@ -197,6 +198,32 @@ def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output,
         bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
         if bad.size:
             raise label_error(bad[0], labels[bad[0]], sizes[-1])
+
+
+def check_sgd_momentum(momentum_buffer, params, momentum, nesterov, dampening):
+    """The momentum checks shared by `mlp_sgd_step` and `mlp_sgd_epoch`."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    if momentum and momentum_buffer is None:
+        raise ValueError("momentum_buffer is required when momentum is not 0")
+    if momentum:
+        if momentum_buffer.dtype != params.dtype:
+            raise TypeError(f"momentum_buffer has dtype {momentum_buffer.dtype}; expected "
+                            f"{params.dtype} (all float arguments of a call share one dtype)")
+        check_shape("momentum_buffer", momentum_buffer, params.shape)
+
+
+def check_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                    momentum_buffer, momentum, nesterov, dampening):
+    """Every check of `mlp_sgd_step`, in the order both backends apply them."""
+    check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    buf = momentum_buffer if momentum else None
+    check_call("mlp_sgd_step", momentum_buffer=buf)
+    check_sgd_momentum(buf, params, momentum, nesterov, dampening)
+    if buf is not None:
+        check_no_overlap("momentum_buffer", buf, [("X", X), ("labels", labels), ("targets", targets),
+                                                  ("params", params), ("A", A), ("D", D),
+                                                  ("grad", grad)])
 
 
 def check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,

@@ -32,6 +32,12 @@ def adam_update(param: Float, grad: Float, exp_avg: Float, exp_avg_sq: Float,
 def mlp_gradients(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
                   params: Float, sizes: Sequence[int], activations: Sequence[Activation],
                   loss: Loss, output: OutputActivation, A: Float, D: Float, grad: Float) -> float: ...
+def mlp_sgd_step(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                 params: Float, sizes: Sequence[int], activations: Sequence[Activation],
+                 loss: Loss, output: OutputActivation, A: Float, D: Float, grad: Float,
+                 momentum_buffer: Optional[Float], lr: float, momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 maximize: bool = False, first_step: bool = False) -> Tuple[float, int]: ...
 def mlp_sgd_epoch(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
                   order: NDArray[np.int64], batch_size: int, params: Float, sizes: Sequence[int],
                   activations: Sequence[Activation], loss: Loss, output: OutputActivation,

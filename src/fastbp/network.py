@@ -395,6 +395,21 @@ class MLP:
 
     def _step_checked(self, X, y, optimizer):
         """`step` on a batch already validated and converted."""
+        o = optimizer
+        if type(o) is SGD and o.max_grad_norm is None and o._kernels in (None, self._kernels):
+            # forward, backward and update in one compiled call (mlp_sgd_step)
+            self._workspace(X.shape[0])
+            labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
+            loss, status = self._kernels.mlp_sgd_step(
+                X, labels, targets, self.params, self.sizes, self.activations, self.loss,
+                self._train_activations[-1], self._A, self._D, self._grad, o.momentum_buffer,
+                o._lr, o.momentum, o.dampening, o.nesterov, o.weight_decay, o.maximize,
+                o.step_count == 0)
+            if status:
+                raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
+                                         "the network was not updated (lower the learning rate?)")
+            o.step_count += 1
+            return loss
         loss = self._loss_and_gradients(X, y, self._grad)
         if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
             raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "

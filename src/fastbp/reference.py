@@ -31,6 +31,7 @@ from ._checks import (
     check_epoch_call,
     check_mlp_call,
     check_no_overlap,
+    check_step_call,
     check_shape,
     empty_batch_error,
     label_error,
@@ -49,6 +50,7 @@ __all__ = [
     "adam_update",
     "all_finite",
     "mlp_gradients",
+    "mlp_sgd_step",
     "mlp_sgd_epoch",
 ]
 
@@ -499,6 +501,40 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
             dense_backward(Ds[l], As[l - 1], Ws[l], dWs[l], dbs[l], Ds[l - 1])
             activation_backward(As[l - 1], Ds[l - 1], layer_acts[l - 1], Ds[l - 1])
     return value
+
+
+def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                 momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                 maximize=False, first_step=False):
+    """One SGD training step of a whole network: `mlp_gradients`, then, if the loss
+    and every gradient are finite, `sgd_update`.
+
+    Parameters
+    ----------
+    X, labels, targets, params, sizes, activations, loss, output, A, D, grad
+        As `mlp_gradients`. The compiled kernel may skip `grad` (leaving it
+        undefined) by folding the update into the weight-gradient product
+        (``W -= lr * dZ.T @ X`` in one GEMM) where that is exact up to rounding.
+    momentum_buffer : ndarray, shape (p,), or None
+        Needed when momentum is not 0.
+    lr, momentum, dampening, nesterov, weight_decay, maximize, first_step
+        As `sgd_update`.
+
+    Returns
+    -------
+    (loss, status)
+        The mean loss before the update; status 0 when the update was made,
+        1 when the loss or a gradient is not finite: then neither params nor
+        momentum_buffer changed.
+    """
+    check_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                    momentum_buffer, momentum, nesterov, dampening)
+    value = mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    if not (np.isfinite(value) and all_finite(grad)):
+        return value, 1
+    sgd_update(params, grad, momentum_buffer if momentum else None, lr, momentum, dampening,
+               nesterov, weight_decay, maximize, first_step)
+    return value, 0
 
 
 def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
