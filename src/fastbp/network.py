@@ -210,6 +210,12 @@ class MLP:
     # -- input checks (all before any state changes) -----------------------
 
     def _as_input(self, X):
+        if (type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2
+                and X.shape[1] == self.n_features and X.flags.c_contiguous):
+            # already in the network's layout: the common case in a training loop
+            if not self._kernels.all_finite(X.reshape(-1)):
+                raise ValueError("X contains NaN or infinity")
+            return X
         X = _as_numeric(X, "X")
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D (n_samples, {self.n_features}), got shape {X.shape}")
@@ -220,9 +226,15 @@ class MLP:
             raise ValueError("X contains NaN or infinity")
         return X
 
-    def _as_targets(self, y, n):
+    def _as_targets(self, y, n, check_labels=True):
+        """Targets as the kernels take them. check_labels=False leaves the label
+        range to the kernel the targets go to (all of them check it, with the
+        same message, before writing anything)."""
         name = "y"
         if self.loss == "cross_entropy":
+            if (not check_labels and type(y) is np.ndarray and y.dtype == np.int64
+                    and y.shape == (n,) and y.flags.c_contiguous):
+                return y
             y = np.asarray(y)
             if y.dtype.kind not in "iu":
                 raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
@@ -248,9 +260,9 @@ class MLP:
             raise ValueError("binary_cross_entropy targets must lie in [0, 1]")
         return Y
 
-    def _as_batch(self, X, y):
+    def _as_batch(self, X, y, check_labels=True):
         X = self._as_input(X)
-        y = self._as_targets(y, X.shape[0])
+        y = self._as_targets(y, X.shape[0], check_labels)
         if X.shape[0] == 0:
             raise ValueError("X has no samples; training needs at least one")
         return X, y
@@ -390,7 +402,8 @@ class MLP:
         not finite, raises FloatingPointError and leaves the network unchanged.
         """
         self._check_optimizer(optimizer)
-        X, y = self._as_batch(X, y)
+        # labels are range-checked by the step's kernels (the same message)
+        X, y = self._as_batch(X, y, check_labels=False)
         return self._step_checked(X, y, optimizer)
 
     def _step_checked(self, X, y, optimizer):
