@@ -21,6 +21,7 @@ from .optim import (
     Schedule,
     StepLR,
 )
+from .threads import get_num_threads, set_num_threads
 from .train import EarlyStopping, History
 
 __version__ = "0.1.0"
@@ -29,5 +30,5 @@ __all__ = [
     "MLP", "SGD", "Adam", "AdamW", "Optimizer", "Schedule", "StepLR", "ExponentialLR",
     "CosineAnnealingLR", "LinearWarmup", "InverseScaling", "ReduceLROnPlateau", "EarlyStopping",
     "History", "gradcheck", "layer_statistics", "datasets", "LOSSES", "BACKENDS", "get_backend",
-    "__version__",
+    "set_num_threads", "get_num_threads", "__version__",
 ]
