@@ -6,6 +6,7 @@ on (for a test run) and sets ``fastbp._kernels.DEBUG_BUILD``.
 
 import os
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -24,7 +25,10 @@ extensions = [
     Extension(
         "fastbp._kernels",
         ["src/fastbp/_kernels.pyx"],
-        define_macros=[("FASTBP_DEBUG", "1" if DEBUG else "0")],
+        define_macros=[("FASTBP_DEBUG", "1" if DEBUG else "0"),
+                       ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        # NumPy's C API: the per-step path reads arrays without memoryview objects
+        include_dirs=[numpy.get_include()],
         # No -ffast-math: it would let the compiler drop NaN/inf checks and
         # reassociate sums, and fastbp promises exact, checkable numerics.
         # -fno-trapping-math changes no result (we never enable FP traps); it

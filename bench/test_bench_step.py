@@ -10,21 +10,24 @@ import numpy as np
 import pytest
 
 import fastbp
-from fastbp.bench import WORKLOADS, GemmFloor, NumpyStep, make_batch, torch_step
+from fastbp.bench import WORKLOADS, EpochSteps, GemmFloor, NumpyStep, make_batch, torch_step
 
-PEERS = ["fastbp-cython", "fastbp-numpy", "numpy-strong", "gemm-floor", "torch"]
+PEERS = ["fastbp-cython", "fastbp-numpy", "fastbp-epoch", "numpy-strong", "gemm-floor", "torch"]
+ROUNDS = 8  # batches per fastbp-epoch call: divide its times by this for a step's
 
 
 def build(peer, sizes, batch, loss, dtype):
     X, y = make_batch(sizes, batch, loss, dtype)
     net = fastbp.MLP(sizes, activation="relu", loss=loss, dtype=dtype, seed=0,
                      backend="numpy" if peer == "fastbp-numpy" else "cython")
+    if peer == "fastbp-epoch":
+        return EpochSteps(net, X, y, ROUNDS), ()
     if peer.startswith("fastbp"):
         return net.step, (X, y, fastbp.SGD(net.params, lr=0.01))
     if peer == "numpy-strong":
         return NumpyStep(net.weights, net.biases, loss, batch), (X, y)
     if peer == "gemm-floor":
-        return GemmFloor(net.weights, batch), (X, y)
+        return GemmFloor(net, batch), (X, y)
     step = torch_step(net.weights, net.biases, loss)
     if step is None:
         pytest.skip("torch is not installed (an optional peer)")

@@ -118,18 +118,17 @@ def _bounds(a):
 def check_no_overlap(out_name, out, others, allow_identical=False):
     """Raise if `out` shares memory with any array of `others` ((name, array) pairs).
 
-    With `allow_identical`, an argument that is exactly the same memory as
-    `out` (same start and size) is allowed: elementwise kernels can run in place.
+    Memory bounds decide (as `np.may_share_memory` does by default). With
+    `allow_identical`, an argument that is exactly the same memory as `out`
+    (same start and size) is allowed: elementwise kernels can run in place.
     """
     if out is None or out.nbytes == 0:
         return
-    o0, o1 = _bounds(out)
     for name, a in others:
         if a is None or a.nbytes == 0:
             continue
-        a0, a1 = _bounds(a)
-        if a0 < o1 and o0 < a1:
-            if allow_identical and (a0, a1) == (o0, o1):
+        if np.may_share_memory(out, a):
+            if allow_identical and _bounds(a) == _bounds(out):
                 continue
             raise overlap_error(out_name, name)
 

@@ -22,6 +22,7 @@ from libc.stdint cimport int8_t, int64_t, uint32_t, uint64_t
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
+cimport numpy as cnp
 
 from fastbp._checks import (
     ACTIVATIONS,
@@ -47,6 +48,8 @@ cdef extern from *:
     #endif
     """
     int FASTBP_DEBUG
+
+cnp.import_array()
 
 #: True when built with FASTBP_CYTHON_DEBUG=1 (bounds and initialisation checks on).
 DEBUG_BUILD = bool(FASTBP_DEBUG)
@@ -849,6 +852,18 @@ def _all_finite(const floating[::1] x):
 
 def all_finite(x):
     """True if no element of `x` (shape (p,)) is NaN or infinite."""
+    cdef cnp.ndarray a
+    cdef bint ok = True
+    if _c_array(x, cnp.NPY_FLOAT32, 1, False) or _c_array(x, cnp.NPY_FLOAT64, 1, False):
+        # straight from the array (no memoryview object: nothing allocated)
+        a = <cnp.ndarray>x
+        if cnp.PyArray_DIM(a, 0):
+            with nogil:
+                if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+                    ok = _all_finite_loop(<const float*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0))
+                else:
+                    ok = _all_finite_loop(<const double*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0))
+        return ok
     try:
         return _all_finite(x)
     except (TypeError, ValueError):
@@ -1079,17 +1094,28 @@ cdef dict _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATION
 cdef dict _LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
 
 
-cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
-                          const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
-                          tuple activations, str loss, str output, floating[::1] A,
-                          floating[::1] D, floating[::1] grad, Py_ssize_t buf_size,
-                          const void* buf, Py_ssize_t* c_sizes, int* acts) except -1:
-    """The checks of `mlp_gradients` (and of `mlp_sgd_step`'s momentum buffer, of
-    buf_size elements at buf, when buf is not NULL) in C;
+cdef struct _NetArgs:
+    # The array arguments of mlp_gradients / mlp_sgd_step, as pointers and sizes.
+    Py_ssize_t n, x_cols, labels_len, t_rows, t_cols, params_len, A_len, D_len, grad_len, buf_len
+    bint has_labels, has_targets, has_buf
+    const void* X
+    const void* labels
+    const void* targets
+    const void* params
+    const void* A
+    const void* D
+    const void* grad
+    const void* buf
+    size_t itemsize
+
+
+cdef int _net_checks(const _NetArgs* g, tuple sizes, tuple activations, str loss, str output,
+                     Py_ssize_t* c_sizes, int* acts) except -1:
+    """The checks of `mlp_gradients` (and of `mlp_sgd_step`'s momentum buffer) in C;
     fills c_sizes and acts and returns the loss code. Any failure raises a bare
     ValueError, which the public function replaces with the reference's message.
-    Labels are checked (without the GIL) by the caller."""
-    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, l, n_params = 0, work = 0
+    Labels are range-checked (without the GIL) by the caller."""
+    cdef Py_ssize_t n = g.n, n_layers = len(sizes) - 1, l, n_params = 0, work = 0
     cdef int loss_code = _LOSS_CODES[loss]
     if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1 or n == 0:
         raise ValueError
@@ -1105,42 +1131,65 @@ cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
     for l in range(n_layers):
         n_params += (c_sizes[l] + 1) * c_sizes[l + 1]
         work += n * c_sizes[l + 1]
-    if (X.shape[1] != c_sizes[0] or params.shape[0] != n_params or grad.shape[0] != n_params
-            or A.shape[0] < work or D.shape[0] < work or n > INT_MAX):
+    if (g.x_cols != c_sizes[0] or g.params_len != n_params or g.grad_len != n_params
+            or g.A_len < work or g.D_len < work or n > INT_MAX):
         raise ValueError
-    if buf != NULL and buf_size != n_params:
+    if g.has_buf and g.buf_len != n_params:
         raise ValueError
     if loss_code == CROSS_ENTROPY:
-        if labels is None or targets is not None or labels.shape[0] != n:
+        if not g.has_labels or g.has_targets or g.labels_len != n:
             raise ValueError
-    elif (targets is None or labels is not None or targets.shape[0] != n
-          or targets.shape[1] != c_sizes[n_layers]):
+    elif not g.has_targets or g.has_labels or g.t_rows != n or g.t_cols != c_sizes[n_layers]:
         raise ValueError
     # the outputs (A, D, grad, buf) must not overlap each other nor any input
-    cdef size_t s = sizeof(floating)
-    cdef const void* start[7]
-    cdef size_t nbytes[7]
+    cdef size_t s = g.itemsize
+    cdef const void* start[8]
+    cdef size_t nbytes[8]
     cdef int i, j, n_spans = 5
-    start[0], nbytes[0] = &A[0], A.shape[0] * s
-    start[1], nbytes[1] = &D[0], D.shape[0] * s
-    start[2], nbytes[2] = &grad[0], n_params * s
-    start[3], nbytes[3] = &X[0, 0], n * c_sizes[0] * s
-    start[4], nbytes[4] = &params[0], n_params * s
-    if targets is not None:
-        start[n_spans], nbytes[n_spans] = &targets[0, 0], n * c_sizes[n_layers] * s
+    start[0], nbytes[0] = g.A, g.A_len * s
+    start[1], nbytes[1] = g.D, g.D_len * s
+    start[2], nbytes[2] = g.grad, n_params * s
+    start[3], nbytes[3] = g.X, n * c_sizes[0] * s
+    start[4], nbytes[4] = g.params, n_params * s
+    if g.has_targets:
+        start[n_spans], nbytes[n_spans] = g.targets, n * c_sizes[n_layers] * s
         n_spans += 1
-    if labels is not None:
-        start[n_spans], nbytes[n_spans] = &labels[0], n * sizeof(int64_t)
+    if g.has_labels:
+        start[n_spans], nbytes[n_spans] = g.labels, n * sizeof(int64_t)
         n_spans += 1
     for i in range(3):
         for j in range(n_spans):
             if i != j and _overlap(start[i], nbytes[i], start[j], nbytes[j], False):
                 raise ValueError
-    if buf != NULL:
+    if g.has_buf:
         for j in range(n_spans):
-            if _overlap(buf, n_params * s, start[j], nbytes[j], False):
+            if _overlap(g.buf, n_params * s, start[j], nbytes[j], False):
                 raise ValueError
     return loss_code
+
+
+cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
+                          const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
+                          tuple activations, str loss, str output, floating[::1] A,
+                          floating[::1] D, floating[::1] grad, Py_ssize_t buf_size,
+                          const void* buf, Py_ssize_t* c_sizes, int* acts) except -1:
+    """`_net_checks` on typed memoryviews (buf: buf_size elements, or NULL)."""
+    cdef _NetArgs g
+    g.n, g.x_cols, g.X = X.shape[0], X.shape[1], &X[0, 0]
+    g.has_labels = labels is not None
+    if g.has_labels:
+        g.labels, g.labels_len = &labels[0], labels.shape[0]
+    g.has_targets = targets is not None
+    if g.has_targets:
+        g.targets, g.t_rows, g.t_cols = &targets[0, 0], targets.shape[0], targets.shape[1]
+    g.params, g.params_len = &params[0], params.shape[0]
+    g.A, g.A_len = &A[0], A.shape[0]
+    g.D, g.D_len = &D[0], D.shape[0]
+    g.grad, g.grad_len = &grad[0], grad.shape[0]
+    g.has_buf = buf != NULL
+    g.buf, g.buf_len = buf, buf_size
+    g.itemsize = sizeof(floating)
+    return _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
 
 
 def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
@@ -1218,12 +1267,108 @@ def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
     return value, status
 
 
+cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
+    """`a` is an ndarray of this type and dimension, C-contiguous (and writable)."""
+    if not cnp.PyArray_Check(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    return (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == ndim
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
+
+
+cdef object _sgd_step_direct(object X, object labels, object targets, object params, tuple sizes,
+                             tuple activations, str loss, str output, object A, object D,
+                             object grad, object buf, double lr, double momentum,
+                             double dampening, bint nesterov, double weight_decay, bint maximize,
+                             bint first_step):
+    """`mlp_sgd_step` on plain ndarrays, read through NumPy's C API: no memoryview
+    objects, so a step allocates nothing. Returns None when the arguments are not
+    of that kind or fail a check: the general path then runs (and names the error)."""
+    if not cnp.PyArray_Check(X):
+        return None
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return None
+    if momentum == 0:
+        buf = None
+    if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, True) and _c_array(A, t, 1, True)
+            and _c_array(D, t, 1, True) and _c_array(grad, t, 1, True)
+            and (labels is None or _c_array(labels, cnp.NPY_INT64, 1, False))
+            and (targets is None or _c_array(targets, t, 2, False))
+            and (buf is None or _c_array(buf, t, 1, True))):
+        return None
+    if momentum != 0 and buf is None or nesterov and (momentum <= 0 or dampening != 0):
+        return None
+    cdef _NetArgs g
+    cdef cnp.ndarray a
+    a = <cnp.ndarray>X
+    g.n, g.x_cols, g.X = cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1), cnp.PyArray_DATA(a)
+    g.has_labels = labels is not None
+    if g.has_labels:
+        a = <cnp.ndarray>labels
+        g.labels, g.labels_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    g.has_targets = targets is not None
+    if g.has_targets:
+        a = <cnp.ndarray>targets
+        g.targets, g.t_rows, g.t_cols = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1)
+    a = <cnp.ndarray>params
+    g.params, g.params_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    a = <cnp.ndarray>A
+    g.A, g.A_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    a = <cnp.ndarray>D
+    g.D, g.D_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    a = <cnp.ndarray>grad
+    g.grad, g.grad_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    g.has_buf = buf is not None
+    if g.has_buf:
+        a = <cnp.ndarray>buf
+        g.buf, g.buf_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    else:
+        g.buf, g.buf_len = NULL, 0
+    g.itemsize = 4 if t == cnp.NPY_FLOAT32 else 8
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
+    cdef Py_ssize_t n_layers = len(sizes) - 1
+    cdef double value = 0
+    cdef int status = 0
+    cdef bint bad_label = False
+    with nogil:
+        if g.has_labels:
+            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
+        if not bad_label:
+            if t == cnp.NPY_FLOAT32:
+                status = _mlp_sgd_step_loop(
+                    <const float*>g.X, <const int64_t*>g.labels, <const float*>g.targets,
+                    <float*>g.params, <float*>g.A, <float*>g.D, <float*>g.grad, <float*>g.buf,
+                    g.n, n_layers, c_sizes, acts, loss_code, <float>lr, <float>momentum,
+                    <float>(1 - dampening), nesterov, <float>weight_decay, maximize, first_step,
+                    &value)
+            else:
+                status = _mlp_sgd_step_loop(
+                    <const double*>g.X, <const int64_t*>g.labels, <const double*>g.targets,
+                    <double*>g.params, <double*>g.A, <double*>g.D, <double*>g.grad, <double*>g.buf,
+                    g.n, n_layers, c_sizes, acts, loss_code, lr, momentum, 1 - dampening,
+                    nesterov, weight_decay, maximize, first_step, &value)
+    if bad_label:
+        return None
+    return value, status
+
+
 def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
                  momentum_buffer, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                  maximize=False, first_step=False):
     """One SGD step of a whole network in one call without the GIL: forward, loss,
     backward and update, the update folded into the weight-gradient GEMMs where
     exact. See `fastbp.reference.mlp_sgd_step`."""
+    try:
+        result = _sgd_step_direct(X, labels, targets, params, tuple(sizes), tuple(activations),
+                                  loss, output, A, D, grad, momentum_buffer, lr, momentum,
+                                  dampening, nesterov, weight_decay, maximize, first_step)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        result = None
+    if result is not None:
+        return result
     try:
         return _mlp_sgd_step(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
                              output, A, D, grad, momentum_buffer, lr, momentum, dampening, nesterov,
@@ -1232,6 +1377,45 @@ def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A
         check_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
                         momentum_buffer, momentum, nesterov, dampening)
         raise ValueError("invalid arguments to mlp_sgd_step")
+
+
+# ---------------------------------------------------------------------------
+# The GEMM floor (for benchmarks; not part of the kernel API)
+
+def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple sizes,
+                floating[::1] A, floating[::1] D, floating[::1] grad):
+    """Only the GEMMs of a training step on X, through the same BLAS calls as the
+    step (forward; dW; dX for all but the first layer), in one call without the
+    GIL: what a step would cost if nothing else took any time."""
+    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, l, n_in, n_out
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef Py_ssize_t w_off[MAX_LAYERS + 1]
+    cdef Py_ssize_t a_off[MAX_LAYERS]
+    if n_layers < 1 or n_layers > MAX_LAYERS:
+        raise ValueError(f"1 to {MAX_LAYERS} layers")
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+    _layer_offsets(n, n_layers, c_sizes, w_off, a_off)
+    if (X.shape[1] != c_sizes[0] or params.shape[0] != w_off[n_layers]
+            or grad.shape[0] != w_off[n_layers] or A.shape[0] < a_off[n_layers - 1] + n * c_sizes[n_layers]
+            or D.shape[0] < A.shape[0]):
+        raise ValueError("buffers do not fit the sizes")
+    cdef const floating* prev
+    with nogil:
+        prev = &X[0, 0]
+        for l in range(n_layers):
+            n_in, n_out = c_sizes[l], c_sizes[l + 1]
+            _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, prev, <int>n_in,
+                  &params[0] + w_off[l], <int>n_in, 0, &A[0] + a_off[l], <int>n_out)
+            prev = &A[0] + a_off[l]
+        for l in range(n_layers - 1, -1, -1):
+            n_in, n_out = c_sizes[l], c_sizes[l + 1]
+            prev = &X[0, 0] if l == 0 else &A[0] + a_off[l - 1]
+            _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, &A[0] + a_off[l], <int>n_out,
+                  prev, <int>n_in, 0, &grad[0] + w_off[l], <int>n_in)
+            if l > 0:
+                _gemm(c'N', c'N', <int>n, <int>n_in, <int>n_out, 1, &A[0] + a_off[l], <int>n_out,
+                      &params[0] + w_off[l], <int>n_in, 0, &D[0] + a_off[l - 1], <int>n_in)
 
 
 # ---------------------------------------------------------------------------
@@ -1282,6 +1466,95 @@ cdef int _sgd_epoch_loop(const floating* X, const int64_t* labels, const floatin
     return 0
 
 
+class _Signalled(Exception):
+    """Carries what a signal handler raised during a compiled epoch past the
+    argument-error handling of `mlp_sgd_epoch`."""
+
+
+cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
+                            const floating[:, ::1] targets, const int64_t[::1] order,
+                            Py_ssize_t batch_size, floating[::1] params, tuple sizes,
+                            tuple activations, str loss, str output, floating[::1] A,
+                            floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
+                            int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
+                            floating[::1] buf, const int8_t[::1] stop, double momentum,
+                            double dampening, bint nesterov, Py_ssize_t* c_sizes,
+                            int* acts) except -1:
+    """The checks of `check_epoch_call` in C (a bare ValueError on any failure; the
+    public function then runs check_epoch_call for the message). Returns the loss code."""
+    cdef Py_ssize_t N = X.shape[0], m = order.shape[0], rows, i, j, n_out
+    cdef size_t s = sizeof(floating)
+    if batch_size < 1 or nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError
+    if momentum != 0 and buf is None or stop.shape[0] != 1 or m == 0:
+        raise ValueError
+    for i in range(m):
+        if order[i] < 0 or order[i] >= N:
+            raise ValueError
+    rows = batch_size if batch_size < m else m
+    if X_batch.shape[1] != X.shape[1] or X_batch.shape[0] < rows:
+        raise ValueError
+    if (labels is None) != (labels_batch is None) or (targets is None) != (targets_batch is None):
+        raise ValueError
+    if labels is not None and (labels.shape[0] != N or labels_batch.shape[0] != X_batch.shape[0]):
+        raise ValueError
+    if targets is not None and (targets.shape[0] != N or targets_batch.shape[0] != X_batch.shape[0]
+                                or targets_batch.shape[1] != targets.shape[1]):
+        raise ValueError
+    # writable arguments must not overlap any other
+    cdef const void* start[13]
+    cdef size_t nbytes[13]
+    cdef bint writable[13]
+    cdef int count = 0
+    for i, (p, size, w) in enumerate((
+            (<size_t>&X[0, 0] if X.shape[0] and X.shape[1] else 0, X.shape[0] * X.shape[1] * s, False),
+            (<size_t>&labels[0] if labels is not None and N else 0, N * sizeof(int64_t), False),
+            (<size_t>&targets[0, 0] if targets is not None and targets.size else 0,
+             targets.shape[0] * targets.shape[1] * s if targets is not None else 0, False),
+            (<size_t>&order[0], m * sizeof(int64_t), False),
+            (<size_t>&params[0] if params.shape[0] else 0, params.shape[0] * s, True),
+            (<size_t>&A[0] if A.shape[0] else 0, A.shape[0] * s, True),
+            (<size_t>&D[0] if D.shape[0] else 0, D.shape[0] * s, True),
+            (<size_t>&grad[0] if grad.shape[0] else 0, grad.shape[0] * s, True),
+            (<size_t>&X_batch[0, 0] if X_batch.size else 0, X_batch.shape[0] * X_batch.shape[1] * s, True),
+            (<size_t>&labels_batch[0] if labels_batch is not None and labels_batch.shape[0] else 0,
+             labels_batch.shape[0] * sizeof(int64_t) if labels_batch is not None else 0, True),
+            (<size_t>&targets_batch[0, 0] if targets_batch is not None and targets_batch.size else 0,
+             targets_batch.size * s if targets_batch is not None else 0, True),
+            (<size_t>&buf[0] if buf is not None and buf.shape[0] else 0,
+             buf.shape[0] * s if buf is not None else 0, True),
+            (<size_t>&stop[0], 1, False))):
+        if p and size:
+            start[count], nbytes[count], writable[count] = <const void*><size_t>p, size, w
+            count += 1
+    for i in range(count):
+        if writable[i]:
+            for j in range(count):
+                if i != j and _overlap(start[i], nbytes[i], start[j], nbytes[j], False):
+                    raise ValueError
+    # the network part, as mlp_gradients checks it, on a full batch
+    cdef floating[:, ::1] Xb = X_batch[:rows]
+    cdef int64_t[::1] lb = None
+    cdef floating[:, ::1] tb = None
+    cdef floating* pbuf = NULL
+    if labels is not None:
+        lb = labels_batch[:rows]
+    if targets is not None:
+        tb = targets_batch[:rows]
+    if buf is not None:
+        pbuf = &buf[0]
+    cdef int loss_code = _mlp_fast_checks(Xb, lb, tb, params, sizes, activations, loss, output,
+                                          A, D, grad, 0 if pbuf == NULL else buf.shape[0], pbuf,
+                                          c_sizes, acts)
+    if labels is not None:
+        n_out = c_sizes[len(sizes) - 1]
+        with nogil:
+            i = _first_bad_label(&labels[0], N, n_out)
+        if i >= 0:
+            raise ValueError
+    return loss_code
+
+
 def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                    const floating[:, ::1] targets, const int64_t[::1] order, Py_ssize_t batch_size,
                    floating[::1] params, tuple sizes, tuple activations, str loss, str output,
@@ -1290,25 +1563,22 @@ def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                    floating[::1] momentum_buffer, const int8_t[::1] stop, double lr,
                    double momentum, double dampening, bint nesterov, double weight_decay,
                    bint maximize, bint first_step):
-    cdef Py_ssize_t n_layers = len(sizes) - 1, l
+    cdef Py_ssize_t n_layers = len(sizes) - 1
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
-    if n_layers > MAX_LAYERS:
-        raise ValueError(f"at most {MAX_LAYERS} layers")
-    for l in range(n_layers + 1):
-        c_sizes[l] = sizes[l]
-    for l in range(n_layers - 1):
-        acts[l] = _ACTIVATION_CODES[activations[l]]
-    acts[n_layers - 1] = _ACTIVATION_CODES[output]
+    cdef floating[::1] buf = momentum_buffer if momentum != 0 else None
+    cdef int loss_code = _epoch_fast_checks(
+        X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
+        grad, X_batch, labels_batch, targets_batch, buf, stop, momentum, dampening, nesterov,
+        c_sizes, acts)
     cdef double loss_sum = 0
     cdef Py_ssize_t steps = 0
     cdef int status
-    cdef int loss_code = _LOSS_CODES[loss]
     cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
     cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
     cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
     cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
-    cdef floating* pbuf = &momentum_buffer[0] if momentum != 0 else NULL
+    cdef floating* pbuf = &buf[0] if buf is not None else NULL
     with nogil:
         status = _sgd_epoch_loop(
             &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
@@ -1317,7 +1587,10 @@ def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
             <floating>(1 - dampening), nesterov, <floating>weight_decay, maximize, first_step,
             &loss_sum, &steps)
     if status == 3:
-        _reraise()
+        try:
+            _reraise()
+        except BaseException as exc:
+            raise _Signalled(exc)
     return loss_sum, steps, status
 
 
@@ -1327,11 +1600,18 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
                   first_step=False):
     """One epoch of mini-batch SGD on a whole network in one call, without the GIL
     but for a signal check after every batch. See `fastbp.reference.mlp_sgd_epoch`."""
-    # One epoch is many steps: the full checks in Python cost nothing here.
-    check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
-                     A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, momentum,
-                     nesterov, dampening, stop)
-    return _mlp_sgd_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
-                          tuple(activations), loss, output, A, D, grad, X_batch, labels_batch,
-                          targets_batch, momentum_buffer if momentum != 0 else None, stop, lr,
-                          momentum, dampening, nesterov, weight_decay, maximize, first_step)
+    try:
+        if isinstance(batch_size, bool):
+            raise TypeError
+        return _mlp_sgd_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
+                              tuple(activations), loss, output, A, D, grad, X_batch, labels_batch,
+                              targets_batch, momentum_buffer, stop, lr, momentum, dampening,
+                              nesterov, weight_decay, maximize, first_step)
+    except _Signalled as signalled:
+        raise signalled.args[0] from None
+    except (TypeError, ValueError, KeyError, OverflowError):
+        # checks in C failed (or a conversion did): the reference's checks name the problem
+        check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                         output, A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer,
+                         momentum, nesterov, dampening, stop)
+        raise ValueError("invalid arguments to mlp_sgd_epoch")

@@ -3,7 +3,10 @@
 Peers, all on the same batch: fastbp's reference backend (plain NumPy), a
 strong hand-written NumPy step (preallocated buffers, ``out=`` everywhere),
 PyTorch eager on the CPU when installed, and the GEMM floor (the step's GEMMs
-alone: forward, dW, and dX for all but the first layer, with NumPy's matmul).
+alone: forward, dW, and dX for all but the first layer, through the same BLAS
+as fastbp's kernels, in one compiled call). Also the per-step speed of the
+compiled epoch `fit` runs, and (``--memory``) allocations per step and the
+peak memory of a fit.
 Times are medians of interleaved rounds in one process: this machine's speed
 drifts, the ratios much less.
 """
@@ -91,24 +94,35 @@ class NumpyStep:
 
 
 class GemmFloor:
-    """The step's GEMMs alone, with NumPy's matmul into preallocated outputs."""
+    """The step's GEMMs alone (forward; dW; dX for all but the first layer), through
+    the BLAS fastbp's kernels call, in one compiled call (`_kernels._gemm_floor`)."""
 
-    def __init__(self, weights, batch):
-        dtype = weights[0].dtype
-        self.W = weights
-        self.A = [np.empty((batch, W.shape[0]), dtype) for W in weights]
-        self.dW = [np.empty_like(W) for W in weights]
-        self.dX = [np.empty((batch, W.shape[1]), dtype) for W in weights]
+    def __init__(self, net, batch):
+        from . import _kernels
+
+        self._floor = _kernels._gemm_floor
+        self.net = net
+        net._workspace(batch)
 
     def __call__(self, X, y):
-        prev = X
-        for W, A in zip(self.W, self.A):
-            np.matmul(prev, W.T, out=A)
-            prev = A
-        for l in range(len(self.W) - 1, -1, -1):
-            np.matmul(self.A[l].T, X if l == 0 else self.A[l - 1], out=self.dW[l])
-            if l:
-                np.matmul(self.A[l], self.W[l], out=self.dX[l])
+        net = self.net
+        self._floor(X, net.params, net.sizes, net._A, net._D, net._grad)
+
+
+class EpochSteps:
+    """fastbp's compiled epoch (what `fit` runs with SGD) over `rounds` batches of
+    the same rows; calling it runs one epoch, so its time per call / rounds is
+    the time per step inside `fit` (rows gathered in C, no Python between steps)."""
+
+    def __init__(self, net, X, y, rounds=8):
+        self.net, self.rounds = net, rounds
+        self.X, self.y = np.concatenate([X] * rounds), np.concatenate([y] * rounds)
+        self.batch = X.shape[0]
+        self.opt = SGD(net.params, lr=0.01)
+        self.stop = np.zeros(1, np.int8)
+
+    def __call__(self):
+        self.net._sgd_epoch(self.X, self.y, None, self.batch, self.opt, self.stop)
 
 
 def torch_step(weights, biases, loss, lr=0.01):
@@ -199,8 +213,10 @@ def run(workloads=("tiny", "small", "mnist"), dtypes=("float32",), seconds=1.0):
                           for b, net in nets.items()}
             W0 = [W.copy() for W in nets["cython"].weights]
             b0 = [b.copy() for b in nets["cython"].biases]
+            rounds = 8
+            candidates["fastbp-epoch"] = (EpochSteps(MLP.from_arrays(W0, b0, loss=loss), X, y, rounds), ())
             candidates["numpy-strong"] = (NumpyStep(W0, b0, loss, batch), (X, y))
-            candidates["gemm-floor"] = (GemmFloor(W0, batch), (X, y))
+            candidates["gemm-floor"] = (GemmFloor(MLP.from_arrays(W0, b0, loss=loss), batch), (X, y))
             step = torch_step(W0, b0, loss)
             if step is not None:
                 import torch
@@ -208,28 +224,122 @@ def run(workloads=("tiny", "small", "mnist"), dtypes=("float32",), seconds=1.0):
                 ty = torch.from_numpy(y)
                 candidates["torch"] = (step, (torch.from_numpy(X), ty))
             times = _median_times(candidates, seconds)
+            times["fastbp-epoch"] /= rounds
             ours = times["fastbp-cython"]
             rows.append({
                 "workload": name, "sizes": sizes, "batch": batch, "loss": loss, "dtype": dtype,
                 "steps_per_s": {k: 1 / t for k, t in times.items()},
                 "speedup": {k: t / ours for k, t in times.items() if k != "fastbp-cython"},
                 "percent_of_gemm_floor": 100 * times["gemm-floor"] / ours,
+                "epoch_percent_of_gemm_floor": 100 * times["gemm-floor"] / times["fastbp-epoch"],
             })
     return rows
 
 
+def _noop(*args):
+    return 0.0
+
+
+def _transient_peak(fn, args, steps):
+    import tracemalloc
+
+    peak = 0
+    for _ in range(steps):
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        fn(*args)
+        peak = max(peak, tracemalloc.get_traced_memory()[1] - before)
+    return peak
+
+
+def step_allocations(step, args, steps=50):
+    """(kept, peak) in bytes, per tracemalloc (which sees NumPy's array buffers
+    too): memory still held after `steps` calls of step(*args), and the largest
+    transient peak of one call beyond what calling a no-op Python function with
+    the same arguments costs (the interpreter's own call machinery). Measured
+    after a warm-up call."""
+    import tracemalloc
+
+    step(*args)
+    tracemalloc.start()
+    try:
+        step(*args)
+        floor = _transient_peak(_noop, args, steps)
+        base, _ = tracemalloc.get_traced_memory()
+        peak = _transient_peak(step, args, steps)
+        kept = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    return kept, max(0, peak - floor)
+
+
+def fit_peak_memory(backend, sizes=(784, 256, 128, 10), n=4096, batch=128, dtype="float32"):
+    """Peak bytes traced by tracemalloc during one epoch of `fit` (SGD, momentum),
+    above what the data and the network already hold."""
+    import tracemalloc
+
+    X, y = make_batch(list(sizes), n, "cross_entropy", dtype)
+    net = MLP(list(sizes), dtype=dtype, seed=0, backend=backend)
+    opt = SGD(net.params, lr=0.01, momentum=0.9)
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        net.fit(X, y, epochs=1, batch_size=batch, optimizer=opt, progress=False, diagnostics=False)
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def memory_rows(workloads=("tiny", "small", "mnist"), dtype="float32"):
+    """Per workload: transient bytes per step of fastbp (cython and numpy backends)
+    and of the strong NumPy step; and a fit's peak memory on both backends."""
+    rows = []
+    for name in workloads:
+        sizes, batch, loss = WORKLOADS[name]
+        X, y = make_batch(sizes, batch, loss, dtype)
+        row = {"workload": name, "dtype": dtype, "step_peak_bytes": {}, "step_kept_bytes": {}}
+        for b in ("cython", "numpy"):
+            net = MLP(sizes, activation="relu", loss=loss, dtype=dtype, seed=0, backend=b)
+            kept, peak = step_allocations(net.step, (X, y, SGD(net.params, lr=0.01)))
+            row["step_peak_bytes"][f"fastbp-{b}"] = peak
+            row["step_kept_bytes"][f"fastbp-{b}"] = kept
+        net = MLP(sizes, activation="relu", loss=loss, dtype=dtype, seed=0)
+        kept, peak = step_allocations(NumpyStep(net.weights, net.biases, loss, batch), (X, y))
+        row["step_peak_bytes"]["numpy-strong"] = peak
+        row["step_kept_bytes"]["numpy-strong"] = kept
+        rows.append(row)
+    fit = {b: fit_peak_memory(b, dtype=dtype) for b in ("cython", "numpy")}
+    return rows, fit
+
+
 def format_table(rows, info):
     peers = ["fastbp-numpy", "numpy-strong", "torch"]
-    lines = ["workload  dtype    fastbp steps/s   " + "   ".join(f"x {p:<12}" for p in peers)
-             + "   % GEMM floor"]
+    lines = ["workload  dtype   fastbp steps/s  " + "  ".join(f"x {p:<12}" for p in peers)
+             + "  % GEMM floor   in fit: steps/s  % floor"]
     for r in rows:
         cells = [f"{r['speedup'][p]:>14.2f}" if p in r["speedup"] else f"{'-':>14}" for p in peers]
-        lines.append(f"{r['workload']:<9} {r['dtype']:<8} {r['steps_per_s']['fastbp-cython']:>14.1f}   "
-                     + "   ".join(cells) + f"   {r['percent_of_gemm_floor']:>12.0f}")
-    lines.append("x peer: fastbp's speed over the peer's (same batch, medians of interleaved rounds)")
+        lines.append(f"{r['workload']:<9} {r['dtype']:<7} {r['steps_per_s']['fastbp-cython']:>14.1f}  "
+                     + "  ".join(cells) + f"  {r['percent_of_gemm_floor']:>12.0f}"
+                     + f"   {r['steps_per_s']['fastbp-epoch']:>15.1f}  {r['epoch_percent_of_gemm_floor']:>7.0f}")
+    lines.append("x peer: fastbp's net.step speed over the peer's (same batch, medians of interleaved "
+                 "rounds); in fit: per step of the compiled epoch fit runs")
     lines.append("machine: " + f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                  f"numpy {np.__version__}")
     lines.append("BLAS threads: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
+    return "\n".join(lines)
+
+
+def format_memory(rows, fit):
+    peers = ["fastbp-cython", "fastbp-numpy", "numpy-strong"]
+    lines = ["bytes allocated during one step (tracemalloc peak; kept after 50 steps in brackets)",
+             "workload  dtype   " + "  ".join(f"{p:>20}" for p in peers)]
+    for r in rows:
+        lines.append(f"{r['workload']:<9} {r['dtype']:<7} " + "  ".join(
+            f"{r['step_peak_bytes'][p]:>11} [{r['step_kept_bytes'][p]:>6}]" for p in peers))
+    lines.append("peak memory of one fit epoch (784-256-128-10, 4096 samples, batch 128): "
+                 + ", ".join(f"{b} {v / 2**20:.2f} MiB" for b, v in fit.items())
+                 + f" ({fit['numpy'] / max(fit['cython'], 1):.0f}x less)")
     return "\n".join(lines)
 
 
@@ -238,11 +348,28 @@ def main(args):
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r}; expected some of {', '.join(WORKLOADS)}")
-    rows = run(workloads, args.dtype.split(","), args.seconds)
+    if getattr(args, "threads", None) is not None:
+        from .threads import set_num_threads
+
+        set_num_threads(args.threads)
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            torch.set_num_threads(args.threads)
+    dtypes = args.dtype.split(",")
+    rows = run(workloads, dtypes, args.seconds)
     info = blas_info()
     print(format_table(rows, info))
+    result = {"rows": rows, "blas": info, "machine": platform.platform()}
+    if getattr(args, "memory", False):
+        small = [w for w in workloads if w in ("tiny", "small", "mnist")] or ["tiny"]
+        memory, fit = memory_rows(small, dtypes[0])
+        print(format_memory(memory, fit))
+        result["memory"] = {"steps": memory, "fit_peak_bytes": fit}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "blas": info, "machine": platform.platform()}, f, indent=1)
+            json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
     return 0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbp train | vanishing``."""
+"""Command line: ``python -m fastbp train | vanishing | bench``."""
 
 import argparse
 import sys
@@ -11,6 +11,7 @@ from ._checks import ACTIVATIONS
 from .diagnostics import layer_statistics
 from .network import MLP
 from .optim import SGD, Adam, AdamW
+from .threads import set_num_threads
 
 
 def spirals(n_per_class=300, n_classes=3, noise=0.2, seed=0):
@@ -45,6 +46,8 @@ def _optimizer(args, params):
 
 
 def _train(args):
+    if args.threads is not None:
+        set_num_threads(args.threads)
     X_train, X_test, y_train, y_test = _dataset(args.dataset, args.seed)
     sizes = [X_train.shape[1], *args.hidden, int(y_train.max()) + 1]
     net = MLP(sizes, activation=args.activation, dtype=args.dtype, seed=args.seed, backend=args.backend)
@@ -152,6 +155,7 @@ def build_parser():
     train.add_argument("--backend", choices=BACKENDS, default="cython")
     train.add_argument("--plot", metavar="PNG", help="write loss and gradient-norm curves (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no line per epoch")
+    train.add_argument("--threads", type=_positive_int, help="BLAS threads (default: BLAS's own)")
     train.set_defaults(func=_train)
 
     vanishing = commands.add_parser(
@@ -176,6 +180,10 @@ def build_parser():
     bench.add_argument("--dtype", default="float32", help="float32, float64 or both, comma-separated")
     bench.add_argument("--seconds", type=float, default=1.0, help="measuring time per workload")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--memory", action="store_true",
+                       help="also measure allocations per step and a fit's peak memory (tracemalloc)")
+    bench.add_argument("--threads", type=_positive_int,
+                       help="threads for every library's BLAS, and PyTorch's (default: their own)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -209,11 +209,11 @@ class MLP:
 
     # -- input checks (all before any state changes) -----------------------
 
-    def _as_input(self, X):
+    def _as_input(self, X, check_finite=True):
         if (type(X) is np.ndarray and X.dtype == self.dtype and X.ndim == 2
                 and X.shape[1] == self.n_features and X.flags.c_contiguous):
             # already in the network's layout: the common case in a training loop
-            if not self._kernels.all_finite(X.reshape(-1)):
+            if check_finite and not self._kernels.all_finite(X.reshape(-1)):
                 raise ValueError("X contains NaN or infinity")
             return X
         X = _as_numeric(X, "X")
@@ -226,13 +226,14 @@ class MLP:
             raise ValueError("X contains NaN or infinity")
         return X
 
-    def _as_targets(self, y, n, check_labels=True):
-        """Targets as the kernels take them. check_labels=False leaves the label
-        range to the kernel the targets go to (all of them check it, with the
-        same message, before writing anything)."""
+    def _as_targets(self, y, n, lazy=False):
+        """Targets as the kernels take them. lazy=True leaves to the kernel the
+        targets go to what it checks itself before writing anything: the label
+        range (with the same message), and, for mse, finiteness (a NaN target
+        makes the step refuse; `_blame_inputs` then names it)."""
         name = "y"
         if self.loss == "cross_entropy":
-            if (not check_labels and type(y) is np.ndarray and y.dtype == np.int64
+            if (lazy and type(y) is np.ndarray and y.dtype == np.int64
                     and y.shape == (n,) and y.flags.c_contiguous):
                 return y
             y = np.asarray(y)
@@ -254,15 +255,17 @@ class MLP:
         if Y.shape[0] != n:
             raise ValueError(f"X has {n} samples but y has {Y.shape[0]}")
         Y = np.ascontiguousarray(Y, dtype=self.dtype)
-        if not self._kernels.all_finite(Y.reshape(-1)):
+        if not (lazy and self.loss == "mse") and not self._kernels.all_finite(Y.reshape(-1)):
             raise ValueError("y contains NaN or infinity")
         if self.loss == "binary_cross_entropy" and Y.size and (Y.min() < 0 or Y.max() > 1):
             raise ValueError("binary_cross_entropy targets must lie in [0, 1]")
         return Y
 
-    def _as_batch(self, X, y, check_labels=True):
-        X = self._as_input(X)
-        y = self._as_targets(y, X.shape[0], check_labels)
+    def _as_batch(self, X, y, lazy=False):
+        """Validated, converted (X, y); lazy=True leaves the checks that the fused
+        SGD step makes itself to it (see `_as_targets`)."""
+        X = self._as_input(X, check_finite=not lazy)
+        y = self._as_targets(y, X.shape[0], lazy)
         if X.shape[0] == 0:
             raise ValueError("X has no samples; training needs at least one")
         return X, y
@@ -402,14 +405,29 @@ class MLP:
         not finite, raises FloatingPointError and leaves the network unchanged.
         """
         self._check_optimizer(optimizer)
-        # labels are range-checked by the step's kernels (the same message)
-        X, y = self._as_batch(X, y, check_labels=False)
-        return self._step_checked(X, y, optimizer)
+        fused = self._fused_sgd(optimizer)
+        # the fused SGD step refuses non-finite inputs without changing anything
+        # (and checks labels): no separate pass over the batch first
+        X, y = self._as_batch(X, y, lazy=fused)
+        return self._step_checked(X, y, optimizer, inputs_checked=not fused)
 
-    def _step_checked(self, X, y, optimizer):
-        """`step` on a batch already validated and converted."""
+    def _fused_sgd(self, optimizer):
+        """Whether `optimizer` steps through the one-call `mlp_sgd_step`."""
         o = optimizer
-        if type(o) is SGD and o.max_grad_norm is None and o._kernels in (None, self._kernels):
+        return type(o) is SGD and o.max_grad_norm is None and o._kernels in (None, self._kernels)
+
+    def _blame_inputs(self, X, y):
+        """ValueError naming a non-finite X or y (after a refused step)."""
+        if not self._kernels.all_finite(X.reshape(-1)):
+            raise ValueError("X contains NaN or infinity")
+        if self.loss != "cross_entropy" and not self._kernels.all_finite(y.reshape(-1)):
+            raise ValueError("y contains NaN or infinity")
+
+    def _step_checked(self, X, y, optimizer, inputs_checked=True):
+        """`step` on a batch already validated and converted (but for what
+        `_as_batch(lazy=True)` leaves out, when inputs_checked is False)."""
+        o = optimizer
+        if self._fused_sgd(o):
             # forward, backward and update in one compiled call (mlp_sgd_step)
             self._workspace(X.shape[0])
             labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
@@ -419,6 +437,8 @@ class MLP:
                 o._lr, o.momentum, o.dampening, o.nesterov, o.weight_decay, o.maximize,
                 o.step_count == 0)
             if status:
+                if not inputs_checked:
+                    self._blame_inputs(X, y)
                 raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
                                          "the network was not updated (lower the learning rate?)")
             o.step_count += 1
