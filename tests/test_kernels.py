@@ -372,6 +372,116 @@ def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, case, w0, 
         np.testing.assert_allclose(params[0], expected, rtol=1e-5)
 
 
+ADAM = st.fixed_dictionaries(dict(
+    beta1=st.sampled_from([0.9, 0.3]), beta2=st.sampled_from([0.999, 0.9]),
+    weight_decay=st.sampled_from([0.0, 0.1]), decoupled_weight_decay=st.booleans(),
+    amsgrad=st.booleans(), maximize=st.booleans()))
+
+
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=st.integers(1, 12), depth=st.integers(0, 2), width=sizes, seed=seeds,
+       loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]), adam=ADAM,
+       step=st.integers(1, 50))
+def test_mlp_adam_step(impl, dtype, n, depth, width, seed, loss, adam, step):
+    rng = np.random.default_rng(seed)
+    sizes = (3,) + (width,) * depth + (2,)
+    acts = tuple(rng.choice(ACTIVATIONS, size=depth))
+    output = "tanh" if loss == "mse" else "identity"
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    work = n * sum(sizes[1:])
+    X, X64 = draw(rng, (n, 3), dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets, targets64 = draw(rng, (n, 2), dtype, 0, 1) if labels is None else (None, None)
+    params, params64 = draw(rng, (n_params,), dtype)
+    m, m64 = draw(rng, (n_params,), dtype)
+    v, v64 = draw(rng, (n_params,), dtype, 0, 1)
+    vmax, vmax64 = draw(rng, (n_params,), dtype, 0, 1)
+    value, status = impl.mlp_adam_step(X, labels, targets, params, sizes, acts, loss, output,
+                                       np.empty(work, dtype), np.empty(work, dtype),
+                                       np.empty(n_params, dtype), m, v, vmax, step, 0.01, **adam)
+    grad = np.empty(n_params)
+    evalue = reference.mlp_gradients(X64, labels, targets64, params64, sizes, acts, loss, output,
+                                     np.empty(work), np.empty(work), grad)
+    reference.adam_update(params64, grad, m64, v64, vmax64, step, 0.01, **adam)
+    assert status == 0
+    slack = 1 if dtype == np.float64 else 10
+    assert_close(np.asarray(value, dtype), evalue, scale=slack * (abs(evalue) + 1))
+    # Adam divides by sqrt(v): the update's error grows where v is tiny
+    assert_close(params, params64, scale=slack * 100 * (np.abs(params64).max() + 1))
+    for a, e in ((m, m64), (v, v64), (vmax, vmax64)):
+        assert_close(a, e, scale=slack * (np.abs(e).max() + np.abs(grad).max() ** 2 + 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), seed=seeds, adam=ADAM,
+       loss=st.sampled_from(["cross_entropy", "mse"]))
+def test_mlp_adam_epoch_is_its_steps_bit_for_bit(dtype, n, batch_size, seed, adam, loss):
+    # the compiled epoch (what fit runs) and the compiled step (what net.step runs)
+    # make the same updates, and agree with the reference epoch
+    rng = np.random.default_rng(seed)
+    sizes, acts = (3, 5, 2), ("relu",)
+    n_params = 4 * 5 + 6 * 2
+    X = rng.normal(size=(n, 3)).astype(dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets = rng.normal(size=(n, 2)).astype(dtype) if labels is None else None
+    order = rng.permutation(n)
+    rows = min(batch_size, n)
+    start = rng.normal(size=n_params).astype(dtype)
+    runs = []
+    for mod in (_kernels, reference):
+        params = start.copy()
+        state = [np.zeros(n_params, dtype) for _ in range(3)]
+        work = [np.empty(rows * 7, dtype), np.empty(rows * 7, dtype), np.empty(n_params, dtype)]
+        out = mod.mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, acts, loss,
+                                 "identity", *work, np.empty((rows, 3), dtype),
+                                 None if labels is None else np.empty(rows, np.int64),
+                                 None if targets is None else np.empty((rows, 2), dtype),
+                                 *state, np.zeros(1, np.int8), 3, 0.01, **adam)
+        runs.append((out, params, state))
+    params = start.copy()
+    state = [np.zeros(n_params, dtype) for _ in range(3)]
+    total = 0.0
+    for k, lo in enumerate(range(0, n, batch_size)):
+        r = order[lo:lo + batch_size]
+        value, status = _kernels.mlp_adam_step(
+            X[r], None if labels is None else labels[r], None if targets is None else targets[r],
+            params, sizes, acts, loss, "identity", np.empty(rows * 7, dtype),
+            np.empty(rows * 7, dtype), np.empty(n_params, dtype), *state, 3 + k, 0.01, **adam)
+        assert status == 0
+        total += value * r.size
+    (loss_sum, steps, status), eparams, estate = runs[0]
+    assert (steps, status) == (-(-n // batch_size), 0) == runs[1][0][1:]
+    np.testing.assert_array_equal(eparams, params)
+    for a, b in zip(estate, state):
+        np.testing.assert_array_equal(a, b)
+    assert loss_sum == pytest.approx(total, rel=1e-12)
+    np.testing.assert_allclose(runs[1][1], params, rtol=0,
+                               atol=(1e-3 if dtype == np.float32 else 1e-9) * (np.abs(params).max() + 1))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_mlp_adam_refuses_non_finite_steps(kernels):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), rng.integers(0, 2, size=20)
+    params = np.zeros(8)
+    params[0] = np.inf
+    state = [np.full(8, 0.5) for _ in range(3)]
+    before = params.copy(), [a.copy() for a in state]
+    value, status = kernels.mlp_adam_step(X[:5], y[:5], None, params, (3, 2), (), "cross_entropy",
+                                          "identity", np.empty(10), np.empty(10), np.empty(8),
+                                          *state, 1, 0.1, amsgrad=True)
+    assert status == 1
+    out = kernels.mlp_adam_epoch(X, y, None, np.arange(20), 5, params, (3, 2), (), "cross_entropy",
+                                 "identity", np.empty(10), np.empty(10), np.empty(8),
+                                 np.empty((5, 3)), np.empty(5, np.int64), None, *state,
+                                 np.zeros(1, np.int8), 1, 0.1, amsgrad=True)
+    assert out[1:] == (0, 1)
+    np.testing.assert_array_equal(params, before[0])
+    for a, b in zip(state, before[1]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the reference computes inf - inf
 @pytest.mark.parametrize("kernels", BACKENDS)
 def test_mlp_sgd_epoch_stops_when_asked_and_at_non_finite_steps(kernels):
@@ -504,6 +614,15 @@ def _bad_calls():
         "step: nesterov without momentum": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1, nesterov=True), ValueError, "Nesterov"),
         "step: bad label": (lambda k: k.mlp_sgd_step(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1), ValueError, "y[2] = 2"),
         "step: small work buffer": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(15), np.zeros(16), np.zeros(14), None, 0.1), ValueError, "at least 16"),
+        "adam step: state size": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(13), np.zeros(14), None, 1, 0.1), ValueError, "exp_avg"),
+        "adam step: state is A": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", (aa := np.zeros(16)), np.zeros(16), np.zeros(14), aa[:14], np.zeros(14), None, 1, 0.1), ValueError, "overlaps"),
+        "adam step: step 0": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(14), np.zeros(14), None, 0, 0.1), ValueError, "step"),
+        "adam step: missing max": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(14), np.zeros(14), None, 1, 0.1, amsgrad=True), ValueError, "max_exp_avg_sq"),
+        "adam step: float32 state": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(14, f4), np.zeros(14), None, 1, 0.1), TypeError, "exp_avg"),
+        "adam step: bad label": (lambda k: k.mlp_adam_step(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), np.zeros(14), np.zeros(14), None, 1, 0.1), ValueError, "y[2] = 2"),
+        "adam epoch: state is X_batch": (lambda k: k.mlp_adam_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), (xb := np.zeros((5, 3))), np.zeros(5, np.int64), None, xb.reshape(-1)[:14], np.zeros(14), None, np.zeros(1, np.int8), 1, 0.1), ValueError, "overlaps"),
+        "adam epoch: step True": (lambda k: k.mlp_adam_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, np.zeros(14), np.zeros(14), None, np.zeros(1, np.int8), True, 0.1), ValueError, "step"),
+        "adam epoch: order out of range": (lambda k: k.mlp_adam_epoch(X, y, None, np.array([0, 9]), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, np.zeros(14), np.zeros(14), None, np.zeros(1, np.int8), 1, 0.1), ValueError, "order[1] = 9"),
         "adam: grad size": (lambda k: k.adam_update(p, np.ones(4), np.zeros(5), np.zeros(5), None, 1, 0.1), ValueError, "grad"),
         "adam: exp_avg size": (lambda k: k.adam_update(p, np.ones(5), np.zeros(4), np.zeros(5), None, 1, 0.1), ValueError, "exp_avg"),
         "adam: float32 state": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5, f4), np.zeros(5), None, 1, 0.1), TypeError, "exp_avg"),

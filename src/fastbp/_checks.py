@@ -70,6 +70,8 @@ KERNEL_ARRAYS = {
     "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
     "mlp_sgd_step": (("momentum_buffer", 1, "out"),),
+    "mlp_adam": (("params", 1, "out"), ("grad", 1, "out"), ("exp_avg", 1, "out"),
+                 ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
 }
 
 
@@ -223,6 +225,38 @@ def check_step_call(X, labels, targets, params, sizes, activations, loss, output
         check_no_overlap("momentum_buffer", buf, [("X", X), ("labels", labels), ("targets", targets),
                                                   ("params", params), ("A", A), ("D", D),
                                                   ("grad", grad)])
+
+
+def check_adam_with(others, params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad):
+    """Adam's state in a whole-network call: as `adam_update` checks it, and no
+    state array may overlap the call's other arrays (`others`: (name, array) pairs)."""
+    vmax = max_exp_avg_sq if amsgrad else None
+    check_call("mlp_adam", params=params, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+               max_exp_avg_sq=vmax)
+    check_adam_state(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+    for name, a in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", vmax)):
+        check_no_overlap(name, a, others)
+
+
+def check_adam_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                         exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad):
+    """Every check of `mlp_adam_step`, in the order both backends apply them."""
+    check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    check_adam_with([("X", X), ("labels", labels), ("targets", targets), ("A", A), ("D", D)],
+                    params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+
+
+def check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                          output, A, D, grad, X_batch, labels_batch, targets_batch, exp_avg,
+                          exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad):
+    """Every check of `mlp_adam_epoch`, in the order both backends apply them."""
+    check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                     output, A, D, grad, X_batch, labels_batch, targets_batch, None, 0.0, False,
+                     0.0, stop)
+    check_adam_with([("X", X), ("labels", labels), ("targets", targets), ("order", order),
+                     ("A", A), ("D", D), ("X_batch", X_batch), ("labels_batch", labels_batch),
+                     ("targets_batch", targets_batch), ("stop", stop)],
+                    params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
 
 
 def check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,

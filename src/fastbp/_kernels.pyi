@@ -47,3 +47,20 @@ def mlp_sgd_epoch(X: Float, labels: Optional[NDArray[np.int64]], targets: Option
                   momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                   weight_decay: float = 0.0, maximize: bool = False,
                   first_step: bool = False) -> Tuple[float, int, int]: ...
+def mlp_adam_step(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                  params: Float, sizes: Sequence[int], activations: Sequence[Activation],
+                  loss: Loss, output: OutputActivation, A: Float, D: Float, grad: Float,
+                  exp_avg: Float, exp_avg_sq: Float, max_exp_avg_sq: Optional[Float], step: int,
+                  lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                  amsgrad: bool = False, maximize: bool = False) -> Tuple[float, int]: ...
+def mlp_adam_epoch(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                   order: NDArray[np.int64], batch_size: int, params: Float, sizes: Sequence[int],
+                   activations: Sequence[Activation], loss: Loss, output: OutputActivation,
+                   A: Float, D: Float, grad: Float, X_batch: Float,
+                   labels_batch: Optional[NDArray[np.int64]], targets_batch: Optional[Float],
+                   exp_avg: Float, exp_avg_sq: Float, max_exp_avg_sq: Optional[Float],
+                   stop: NDArray[np.int8], step: int, lr: float, beta1: float = 0.9,
+                   beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                   decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                   maximize: bool = False) -> Tuple[float, int, int]: ...

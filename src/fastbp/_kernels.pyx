@@ -29,7 +29,9 @@ from fastbp._checks import (
     LEAKY_RELU_SLOPE,
     LOSSES,
     OUTPUT_ACTIVATIONS,
+    check_adam_epoch_call,
     check_adam_state,
+    check_adam_step_call,
     check_call,
     check_choice,
     check_epoch_call,
@@ -68,6 +70,8 @@ __all__ = [
     "mlp_gradients",
     "mlp_sgd_step",
     "mlp_sgd_epoch",
+    "mlp_adam_step",
+    "mlp_adam_epoch",
 ]
 
 # Activation codes, in the order of fastbp._checks.ACTIVATIONS.
@@ -1090,6 +1094,31 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
     return 0
 
 
+cdef int _mlp_adam_step_loop(const floating* X, const int64_t* labels, const floating* T,
+                             floating* params, floating* A, floating* D, floating* grad,
+                             floating* m, floating* v, floating* vmax, Py_ssize_t n,
+                             Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts,
+                             int loss, long step, double lr, double beta1, double beta2,
+                             double eps, double weight_decay, bint decoupled, bint maximize,
+                             double* loss_out) noexcept nogil:
+    """One Adam step (see reference.mlp_adam_step): the gradient, its check, then
+    `_adam_loop` as `_adam_update` calls it. 0 applied, 1 refused (nothing changed);
+    vmax is NULL without amsgrad."""
+    cdef Py_ssize_t l, n_params = 0
+    for l in range(n_layers):
+        n_params += (sizes[l] + 1) * sizes[l + 1]
+    _mlp_forward_backward(X, labels, T, params, A, D, grad, n, n_layers, sizes, acts, loss,
+                          loss_out)
+    if not (loss_out[0] - loss_out[0] == 0) or not _all_finite_loop(grad, n_params):
+        return 1
+    _adam_loop(params, grad, m, v, vmax, n_params, <floating>(-(lr / (1 - beta1 ** step))),
+               <floating>(1 - beta1), <floating>beta2, <floating>(1 - beta2),
+               <floating>((1 - beta2 ** step) ** 0.5), <floating>eps,
+               <floating>(0 if decoupled else weight_decay), decoupled and weight_decay != 0,
+               <floating>(1 - lr * weight_decay), maximize)
+    return 0
+
+
 cdef dict _ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 cdef dict _LOSS_CODES = {name: code for code, name in enumerate(LOSSES)}
 
@@ -1427,15 +1456,41 @@ cdef int _reraise() except -1:
     return -1
 
 
-cdef int _sgd_epoch_loop(const floating* X, const int64_t* labels, const floating* T,
-                         const int64_t* order, Py_ssize_t m, Py_ssize_t batch_size,
-                         floating* params, floating* A, floating* D, floating* grad,
-                         floating* Xb, int64_t* Lb, floating* Tb, floating* buf,
-                         const int8_t* stop, Py_ssize_t n_layers, const Py_ssize_t* sizes,
-                         const int* acts, int loss, floating lr, floating momentum,
-                         floating dampening_complement, bint nesterov, floating weight_decay,
-                         bint maximize, bint first_step, double* loss_sum,
-                         Py_ssize_t* steps) noexcept nogil:
+cdef struct _Optim:
+    # One optimizer's settings and state, for the compiled epoch loop.
+    bint adam
+    double lr, momentum, dampening, weight_decay, beta1, beta2, eps
+    bint nesterov, maximize, decoupled, amsgrad, first_step
+    long step  # Adam: the number of the epoch's first update, counting from 1
+    void* buf
+    void* m
+    void* v
+    void* vmax
+
+
+cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T,
+                     floating* params, floating* A, floating* D, floating* grad, Py_ssize_t n,
+                     Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts, int loss,
+                     const _Optim* o, Py_ssize_t k, double* loss_out) noexcept nogil:
+    """The k-th (from 0) step of an epoch with optimizer o: 0 applied, 1 refused."""
+    if o.adam:
+        return _mlp_adam_step_loop(X, labels, T, params, A, D, grad, <floating*>o.m,
+                                   <floating*>o.v, <floating*>o.vmax, n, n_layers, sizes, acts,
+                                   loss, o.step + k, o.lr, o.beta1, o.beta2, o.eps,
+                                   o.weight_decay, o.decoupled, o.maximize, loss_out)
+    return _mlp_sgd_step_loop(X, labels, T, params, A, D, grad, <floating*>o.buf, n, n_layers,
+                              sizes, acts, loss, <floating>o.lr, <floating>o.momentum,
+                              <floating>(1 - o.dampening), o.nesterov, <floating>o.weight_decay,
+                              o.maximize, o.first_step and k == 0, loss_out)
+
+
+cdef int _epoch_loop(const floating* X, const int64_t* labels, const floating* T,
+                     const int64_t* order, Py_ssize_t m, Py_ssize_t batch_size,
+                     floating* params, floating* A, floating* D, floating* grad,
+                     floating* Xb, int64_t* Lb, floating* Tb, const _Optim* o,
+                     const int8_t* stop, Py_ssize_t n_layers, const Py_ssize_t* sizes,
+                     const int* acts, int loss, double* loss_sum,
+                     Py_ssize_t* steps) noexcept nogil:
     """Returns 0 (epoch done), 1 (non-finite loss or gradient: batch not applied),
     2 (stop set) or 3 (a signal handler raised: its error is pending)."""
     cdef Py_ssize_t lo, i, nb, n_in = sizes[0], n_out = sizes[n_layers]
@@ -1450,9 +1505,8 @@ cdef int _sgd_epoch_loop(const floating* X, const int64_t* labels, const floatin
                 Lb[i] = labels[order[lo + i]]
             else:
                 memcpy(Tb + i * n_out, T + order[lo + i] * n_out, n_out * sizeof(floating))
-        if _mlp_sgd_step_loop(Xb, Lb, Tb, params, A, D, grad, buf, nb, n_layers, sizes, acts,
-                              loss, lr, momentum, dampening_complement, nesterov, weight_decay,
-                              maximize, first_step and steps[0] == 0, &value):
+        if _optim_step(Xb, Lb, Tb, params, A, D, grad, nb, n_layers, sizes, acts, loss, o,
+                       steps[0], &value):
             return 1
         loss_sum[0] += value * nb
         steps[0] += 1
@@ -1578,14 +1632,15 @@ def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
     cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
     cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
     cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
-    cdef floating* pbuf = &buf[0] if buf is not None else NULL
+    cdef _Optim o
+    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
+    o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
+    o.buf = &buf[0] if buf is not None else NULL
     with nogil:
-        status = _sgd_epoch_loop(
+        status = _epoch_loop(
             &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
-            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, pbuf, &stop[0],
-            n_layers, c_sizes, acts, loss_code, <floating>lr, <floating>momentum,
-            <floating>(1 - dampening), nesterov, <floating>weight_decay, maximize, first_step,
-            &loss_sum, &steps)
+            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, &o, &stop[0],
+            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
     if status == 3:
         try:
             _reraise()
@@ -1615,3 +1670,171 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
                          output, A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer,
                          momentum, nesterov, dampening, stop)
         raise ValueError("invalid arguments to mlp_sgd_epoch")
+
+# ---------------------------------------------------------------------------
+# mlp_adam_step and mlp_adam_epoch: Adam (AdamW) steps of a whole network
+
+cdef int _adam_state_checks(Py_ssize_t n_params, const void* m, Py_ssize_t m_len, const void* v,
+                            Py_ssize_t v_len, const void* vmax, Py_ssize_t vmax_len, size_t s,
+                            long step, list others) except -1:
+    """Adam's state beside a whole-network call, in C (bare ValueError on failure):
+    sizes, step >= 1, and no state array overlapping another nor any of `others`
+    ((address, bytes) pairs)."""
+    cdef const void* start[3]
+    cdef size_t nbytes[3]
+    cdef int i, j, count = 3 if vmax != NULL else 2
+    if m_len != n_params or v_len != n_params or vmax != NULL and vmax_len != n_params or step < 1:
+        raise ValueError
+    start[0], start[1], start[2] = m, v, vmax
+    for i in range(count):
+        nbytes[i] = n_params * s
+        for j in range(count):
+            if i != j and _overlap(start[i], nbytes[i], start[j], n_params * s, False):
+                raise ValueError
+        for p, size in others:
+            if size and _overlap(start[i], nbytes[i], <const void*><size_t>p, size, False):
+                raise ValueError
+    return 0
+
+
+def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
+                   const floating[:, ::1] targets, floating[::1] params, tuple sizes,
+                   tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
+                   floating[::1] grad, floating[::1] exp_avg, floating[::1] exp_avg_sq,
+                   floating[::1] max_exp_avg_sq, long step, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, bint decoupled, bint amsgrad,
+                   bint maximize):
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
+                                          output, A, D, grad, 0, NULL, c_sizes, acts)
+    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, P = params.shape[0]
+    cdef size_t s = sizeof(floating)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError
+    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
+    others = [(<size_t>&X[0, 0], n * X.shape[1] * s), (<size_t>&params[0], P * s),
+              (<size_t>&A[0], A.shape[0] * s), (<size_t>&D[0], D.shape[0] * s),
+              (<size_t>&grad[0], P * s)]
+    if labels is not None:
+        others.append((<size_t>&labels[0], n * sizeof(int64_t)))
+    if targets is not None:
+        others.append((<size_t>&targets[0, 0], n * targets.shape[1] * s))
+    _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
+                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, others)
+    cdef double value = 0
+    cdef int status = 0
+    cdef bint bad_label = False
+    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
+    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
+    with nogil:
+        if plabels != NULL:
+            bad_label = _first_bad_label(plabels, n, c_sizes[n_layers]) >= 0
+        if not bad_label:
+            status = _mlp_adam_step_loop(&X[0, 0], plabels, ptargets, &params[0], &A[0], &D[0],
+                                         &grad[0], &exp_avg[0], &exp_avg_sq[0], pvmax, n,
+                                         n_layers, c_sizes, acts, loss_code, step, lr, beta1,
+                                         beta2, eps, weight_decay, decoupled, maximize, &value)
+    if bad_label:
+        raise ValueError
+    return value, status
+
+
+def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                  exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
+    """One Adam (AdamW) training step of a whole network in one call without the
+    GIL. See `fastbp.reference.mlp_adam_step`."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        return _mlp_adam_step(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
+                              output, A, D, grad, exp_avg, exp_avg_sq,
+                              max_exp_avg_sq if amsgrad else None, step, lr, beta1, beta2, eps,
+                              weight_decay, decoupled_weight_decay, amsgrad, maximize)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        check_adam_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D,
+                             grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+        raise ValueError("invalid arguments to mlp_adam_step")
+
+
+def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
+                    const floating[:, ::1] targets, const int64_t[::1] order,
+                    Py_ssize_t batch_size, floating[::1] params, tuple sizes, tuple activations,
+                    str loss, str output, floating[::1] A, floating[::1] D, floating[::1] grad,
+                    floating[:, ::1] X_batch, int64_t[::1] labels_batch,
+                    floating[:, ::1] targets_batch, floating[::1] exp_avg,
+                    floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq,
+                    const int8_t[::1] stop, long step, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bint decoupled, bint amsgrad, bint maximize):
+    cdef Py_ssize_t n_layers = len(sizes) - 1, P = params.shape[0]
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef size_t s = sizeof(floating)
+    cdef floating[::1] no_buf = None
+    cdef int loss_code = _epoch_fast_checks(
+        X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
+        grad, X_batch, labels_batch, targets_batch, no_buf, stop, 0, 0, False, c_sizes, acts)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError
+    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
+    others = [(<size_t>&X[0, 0], X.shape[0] * X.shape[1] * s), (<size_t>&params[0], P * s),
+              (<size_t>&A[0], A.shape[0] * s), (<size_t>&D[0], D.shape[0] * s),
+              (<size_t>&grad[0], P * s), (<size_t>&order[0], order.shape[0] * sizeof(int64_t)),
+              (<size_t>&X_batch[0, 0], X_batch.shape[0] * X_batch.shape[1] * s),
+              (<size_t>&stop[0], 1)]
+    if labels is not None:
+        others.append((<size_t>&labels[0], labels.shape[0] * sizeof(int64_t)))
+        others.append((<size_t>&labels_batch[0], labels_batch.shape[0] * sizeof(int64_t)))
+    if targets is not None:
+        others.append((<size_t>&targets[0, 0], targets.shape[0] * targets.shape[1] * s))
+        others.append((<size_t>&targets_batch[0, 0],
+                       targets_batch.shape[0] * targets_batch.shape[1] * s))
+    _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
+                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, others)
+    cdef double loss_sum = 0
+    cdef Py_ssize_t steps = 0
+    cdef int status
+    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
+    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
+    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
+    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
+    cdef _Optim o
+    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
+    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
+    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
+    with nogil:
+        status = _epoch_loop(
+            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
+            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, &o, &stop[0],
+            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
+    if status == 3:
+        try:
+            _reraise()
+        except BaseException as exc:
+            raise _Signalled(exc)
+    return loss_sum, steps, status
+
+
+def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                   A, D, grad, X_batch, labels_batch, targets_batch, exp_avg, exp_avg_sq,
+                   max_exp_avg_sq, stop, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
+    """One epoch of mini-batch Adam (AdamW) on a whole network in one call, without
+    the GIL but for a signal check after every batch. See
+    `fastbp.reference.mlp_adam_epoch`."""
+    try:
+        if isinstance(batch_size, bool) or isinstance(step, bool):
+            raise TypeError
+        return _mlp_adam_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
+                               tuple(activations), loss, output, A, D, grad, X_batch,
+                               labels_batch, targets_batch, exp_avg, exp_avg_sq,
+                               max_exp_avg_sq if amsgrad else None, stop, step, lr, beta1, beta2,
+                               eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
+    except _Signalled as signalled:
+        raise signalled.args[0] from None
+    except (TypeError, ValueError, KeyError, OverflowError):
+        check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations,
+                              loss, output, A, D, grad, X_batch, labels_batch, targets_batch,
+                              exp_avg, exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad)
+        raise ValueError("invalid arguments to mlp_adam_epoch")

@@ -10,7 +10,7 @@ from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS, check_choice
 from ._layout import mlp_views
 from . import train as _train
 from .init import check_init, initial_parameters
-from .optim import SGD, Optimizer
+from .optim import SGD, Adam, AdamW, Optimizer
 
 # forward() runs through the workspace in chunks of at most this many rows, so
 # that predicting on a large array does not grow the workspace to its size.
@@ -416,6 +416,13 @@ class MLP:
         o = optimizer
         return type(o) is SGD and o.max_grad_norm is None and o._kernels in (None, self._kernels)
 
+    def _compiled(self, optimizer):
+        """Whether `optimizer` has whole-step and whole-epoch kernels (SGD, Adam, AdamW
+        without gradient clipping, on the network's backend)."""
+        o = optimizer
+        return (type(o) in (SGD, Adam, AdamW) and o.max_grad_norm is None
+                and o._kernels in (None, self._kernels))
+
     def _blame_inputs(self, X, y):
         """ValueError naming a non-finite X or y (after a refused step)."""
         if not self._kernels.all_finite(X.reshape(-1)):
@@ -443,6 +450,19 @@ class MLP:
                                          "the network was not updated (lower the learning rate?)")
             o.step_count += 1
             return loss
+        if self._compiled(o):  # Adam, AdamW: one compiled call (mlp_adam_step)
+            self._workspace(X.shape[0])
+            labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
+            loss, status = self._kernels.mlp_adam_step(
+                X, labels, targets, self.params, self.sizes, self.activations, self.loss,
+                self._train_activations[-1], self._A, self._D, self._grad, o.exp_avg, o.exp_avg_sq,
+                o.max_exp_avg_sq, o.step_count + 1, o._lr, o.betas[0], o.betas[1], o.eps,
+                o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
+            if status:
+                raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
+                                         "the network was not updated (lower the learning rate?)")
+            o.step_count += 1
+            return loss
         loss = self._loss_and_gradients(X, y, self._grad)
         if not (np.isfinite(loss) and self._kernels.all_finite(self._grad)):
             raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
@@ -451,7 +471,8 @@ class MLP:
         return loss
 
     def _sgd_epoch(self, X, y, order, batch_size, optimizer, stop):
-        """One epoch of plain SGD in one compiled call (`mlp_sgd_epoch`).
+        """One epoch in one compiled call (`mlp_sgd_epoch`, or `mlp_adam_epoch` for
+        Adam and AdamW).
 
         Returns (sum of batch losses times batch sizes, samples used). Raises
         FloatingPointError at a batch whose loss or gradient is not finite; the
@@ -470,11 +491,16 @@ class MLP:
         Xb = self._X_batch
         lb, tb = (self._y_batch[:Xb.shape[0]], None) if labels is not None else (None, self._y_batch)
         o = optimizer
-        total, steps, status = self._kernels.mlp_sgd_epoch(
-            X, labels, targets, order, batch_size, self.params, self.sizes, self.activations,
-            self.loss, self._train_activations[-1], self._A, self._D, self._grad, Xb, lb, tb,
-            o.momentum_buffer, stop, o.lr, o.momentum, o.dampening, o.nesterov, o.weight_decay,
-            o.maximize, o.step_count == 0)
+        net = (X, labels, targets, order, batch_size, self.params, self.sizes, self.activations,
+               self.loss, self._train_activations[-1], self._A, self._D, self._grad, Xb, lb, tb)
+        if type(o) is SGD:
+            total, steps, status = self._kernels.mlp_sgd_epoch(
+                *net, o.momentum_buffer, stop, o.lr, o.momentum, o.dampening, o.nesterov,
+                o.weight_decay, o.maximize, o.step_count == 0)
+        else:
+            total, steps, status = self._kernels.mlp_adam_epoch(
+                *net, o.exp_avg, o.exp_avg_sq, o.max_exp_avg_sq, stop, o.step_count + 1, o.lr,
+                o.betas[0], o.betas[1], o.eps, o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
         o.step_count += steps
         if status == 1:
             raise FloatingPointError("a batch's loss or gradient is not finite; it was not applied "
@@ -595,8 +621,9 @@ class MLP:
             samples).
 
         Ctrl-C stops cleanly after the current batch, with the network whole.
-        With `SGD` (without max_grad_norm) each epoch runs as one compiled call
-        (`mlp_sgd_epoch`); other optimizers run one compiled step per batch.
+        With `SGD`, `Adam` or `AdamW` (without max_grad_norm) each epoch runs as
+        one compiled call (`mlp_sgd_epoch`, `mlp_adam_epoch`); otherwise one step
+        per batch.
         """
         epochs = _train.check_positive_int("epochs", epochs, minimum=0)
         batch_size = _train.check_positive_int("batch_size", batch_size)

@@ -25,7 +25,9 @@ from ._checks import (
     ACTIVATIONS,
     LEAKY_RELU_SLOPE,
     OUTPUT_ACTIVATIONS,
+    check_adam_epoch_call,
     check_adam_state,
+    check_adam_step_call,
     check_call,
     check_choice,
     check_epoch_call,
@@ -52,6 +54,8 @@ __all__ = [
     "mlp_gradients",
     "mlp_sgd_step",
     "mlp_sgd_epoch",
+    "mlp_adam_step",
+    "mlp_adam_epoch",
 ]
 
 
@@ -588,6 +592,62 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
             return loss_sum, steps, 1
         sgd_update(params, grad, momentum_buffer if momentum else None, lr, momentum, dampening,
                    nesterov, weight_decay, maximize, first_step and steps == 0)
+        loss_sum += value * nb
+        steps += 1
+        if stop[0]:
+            return loss_sum, steps, 2
+    return loss_sum, steps, 0
+
+
+def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                  exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                  weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
+    """One Adam (or AdamW) training step of a whole network: `mlp_gradients`, then,
+    if the loss and every gradient are finite, `adam_update`.
+
+    Parameters as `mlp_gradients` and `adam_update` (`step`: the number of this
+    update, counting from 1).
+
+    Returns
+    -------
+    (loss, status)
+        As `mlp_sgd_step`: status 1 (nothing changed) when the loss or a
+        gradient is not finite.
+    """
+    check_adam_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                         exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+    value = mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    if not (np.isfinite(value) and all_finite(grad)):
+        return value, 1
+    adam_update(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+                weight_decay, decoupled_weight_decay, amsgrad, maximize)
+    return value, 0
+
+
+def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                   A, D, grad, X_batch, labels_batch, targets_batch, exp_avg, exp_avg_sq,
+                   max_exp_avg_sq, stop, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
+    """One epoch of mini-batch Adam (or AdamW): `mlp_sgd_epoch` with `mlp_adam_step`
+    for each batch; `step` is the number of the epoch's first update (from 1).
+
+    Returns (loss_sum, steps, status) as `mlp_sgd_epoch`.
+    """
+    check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                          output, A, D, grad, X_batch, labels_batch, targets_batch, exp_avg,
+                          exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad)
+    loss_sum, steps = 0.0, 0
+    for lo in range(0, order.shape[0], batch_size):
+        rows = order[lo:lo + batch_size]
+        nb = rows.shape[0]
+        Xb = np.take(X, rows, axis=0, out=X_batch[:nb])
+        lb = None if labels is None else np.take(labels, rows, out=labels_batch[:nb])
+        tb = None if targets is None else np.take(targets, rows, axis=0, out=targets_batch[:nb])
+        value = mlp_gradients(Xb, lb, tb, params, sizes, activations, loss, output, A, D, grad)
+        if not (np.isfinite(value) and all_finite(grad)):
+            return loss_sum, steps, 1
+        adam_update(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step + steps, lr, beta1,
+                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
         loss_sum += value * nb
         steps += 1
         if stop[0]:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .diagnostics import layer_statistics
-from .optim import SGD, Optimizer, Schedule
+from .optim import Optimizer, Schedule
 
 
 
@@ -185,7 +185,7 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                 start = time.perf_counter()
                 before = net.params.copy() if diagnostics else None
                 order = net._rng.permutation(n) if shuffle else None
-                if type(optimizer) is SGD and optimizer.max_grad_norm is None:
+                if net._compiled(optimizer):
                     # the whole epoch in one compiled call
                     total, seen = net._sgd_epoch(X, y, order, batch_size, optimizer, interrupt["stop"])
                 else:
