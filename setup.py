@@ -33,7 +33,10 @@ extensions = [
         # reassociate sums, and fastbp promises exact, checkable numerics.
         # -fno-trapping-math changes no result (we never enable FP traps); it
         # only lets GCC turn `a > 0 ? x : x * s` into branch-free vector code.
-        extra_compile_args=["-O3", "-fno-trapping-math"],
+        # -fno-math-errno changes no result either (nothing reads errno): it lets
+        # sqrt become one vector instruction instead of a libm call per element
+        # (Adam's update: 4.5x faster).
+        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
     )
 ]
 

