@@ -1344,38 +1344,33 @@ cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
             and cnp.PyArray_IS_C_CONTIGUOUS(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
 
 
-cdef object _sgd_step_direct(object X, object labels, object targets, object params, tuple sizes,
-                             tuple activations, str loss, str output, object A, object D,
-                             object grad, object buf, double lr, double momentum,
-                             double dampening, bint nesterov, double weight_decay, bint maximize,
-                             bint first_step):
-    """`mlp_sgd_step` on plain ndarrays, read through NumPy's C API: no memoryview
-    objects, so a step allocates nothing. Returns None when the arguments are not
-    of that kind or fail a check: the general path then runs (and names the error)."""
+cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targets,
+                               object params, object A, object D, object grad,
+                               object buf) except -2:
+    """Fill g from plain ndarrays through NumPy's C API (no memoryview objects).
+    Returns their NumPy type number, or -1 when they are not all C-contiguous
+    arrays of one float type (labels int64), outputs writable."""
     if not cnp.PyArray_Check(X):
-        return None
+        return -1
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
-        return None
-    if momentum == 0:
-        buf = None
+        return -1
     if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, True) and _c_array(A, t, 1, True)
             and _c_array(D, t, 1, True) and _c_array(grad, t, 1, True)
             and (labels is None or _c_array(labels, cnp.NPY_INT64, 1, False))
             and (targets is None or _c_array(targets, t, 2, False))
             and (buf is None or _c_array(buf, t, 1, True))):
-        return None
-    if momentum != 0 and buf is None or nesterov and (momentum <= 0 or dampening != 0):
-        return None
-    cdef _NetArgs g
+        return -1
     cdef cnp.ndarray a
     a = <cnp.ndarray>X
     g.n, g.x_cols, g.X = cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1), cnp.PyArray_DATA(a)
     g.has_labels = labels is not None
+    g.labels, g.labels_len = NULL, 0
     if g.has_labels:
         a = <cnp.ndarray>labels
         g.labels, g.labels_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
     g.has_targets = targets is not None
+    g.targets, g.t_rows, g.t_cols = NULL, 0, 0
     if g.has_targets:
         a = <cnp.ndarray>targets
         g.targets, g.t_rows, g.t_cols = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1)
@@ -1388,12 +1383,32 @@ cdef object _sgd_step_direct(object X, object labels, object targets, object par
     a = <cnp.ndarray>grad
     g.grad, g.grad_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
     g.has_buf = buf is not None
+    g.buf, g.buf_len = NULL, 0
     if g.has_buf:
         a = <cnp.ndarray>buf
         g.buf, g.buf_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
-    else:
-        g.buf, g.buf_len = NULL, 0
     g.itemsize = 4 if t == cnp.NPY_FLOAT32 else 8
+    return t
+
+
+cdef object _sgd_step_direct(object X, object labels, object targets, object params, tuple sizes,
+                             tuple activations, str loss, str output, object A, object D,
+                             object grad, object buf, double lr, double momentum,
+                             double dampening, bint nesterov, double weight_decay, bint maximize,
+                             bint first_step):
+    """`mlp_sgd_step` on plain ndarrays, read through NumPy's C API: no memoryview
+    objects, so a step allocates nothing. Returns None when the arguments are not
+    of that kind or fail a check: the general path then runs (and names the error)."""
+    if momentum == 0:
+        buf = None
+    elif buf is None:
+        return None
+    if nesterov and (momentum <= 0 or dampening != 0):
+        return None
+    cdef _NetArgs g
+    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, buf)
+    if t < 0:
+        return None
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
     cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
@@ -1715,25 +1730,93 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
 
 cdef int _adam_state_checks(Py_ssize_t n_params, const void* m, Py_ssize_t m_len, const void* v,
                             Py_ssize_t v_len, const void* vmax, Py_ssize_t vmax_len, size_t s,
-                            long step, list others) except -1:
+                            long step, const void** others, const size_t* other_bytes,
+                            int n_others) except -1:
     """Adam's state beside a whole-network call, in C (bare ValueError on failure):
-    sizes, step >= 1, and no state array overlapping another nor any of `others`
-    ((address, bytes) pairs)."""
+    sizes, step >= 1, and no state array overlapping another nor any of `others`."""
     cdef const void* start[3]
-    cdef size_t nbytes[3]
     cdef int i, j, count = 3 if vmax != NULL else 2
+    cdef size_t nbytes = n_params * s
     if m_len != n_params or v_len != n_params or vmax != NULL and vmax_len != n_params or step < 1:
         raise ValueError
     start[0], start[1], start[2] = m, v, vmax
     for i in range(count):
-        nbytes[i] = n_params * s
         for j in range(count):
-            if i != j and _overlap(start[i], nbytes[i], start[j], n_params * s, False):
+            if i != j and _overlap(start[i], nbytes, start[j], nbytes, False):
                 raise ValueError
-        for p, size in others:
-            if size and _overlap(start[i], nbytes[i], <const void*><size_t>p, size, False):
+        for j in range(n_others):
+            if other_bytes[j] and _overlap(start[i], nbytes, others[j], other_bytes[j], False):
                 raise ValueError
     return 0
+
+
+cdef int _net_spans(const _NetArgs* g, const void** start, size_t* nbytes) noexcept:
+    """The arrays of g as (address, bytes) spans; returns how many."""
+    cdef size_t s = g.itemsize
+    cdef int k = 5
+    start[0], nbytes[0] = g.X, g.n * g.x_cols * s
+    start[1], nbytes[1] = g.params, g.params_len * s
+    start[2], nbytes[2] = g.A, g.A_len * s
+    start[3], nbytes[3] = g.D, g.D_len * s
+    start[4], nbytes[4] = g.grad, g.grad_len * s
+    if g.has_labels:
+        start[k], nbytes[k] = g.labels, g.labels_len * sizeof(int64_t)
+        k += 1
+    if g.has_targets:
+        start[k], nbytes[k] = g.targets, g.t_rows * g.t_cols * s
+        k += 1
+    return k
+
+
+cdef object _adam_step_direct(object X, object labels, object targets, object params, tuple sizes,
+                              tuple activations, str loss, str output, object A, object D,
+                              object grad, object m, object v, object vmax, long step, double lr,
+                              double beta1, double beta2, double eps, double weight_decay,
+                              bint decoupled, bint amsgrad, bint maximize):
+    """`mlp_adam_step` on plain ndarrays through NumPy's C API (nothing allocated),
+    or None for the general path, as `_sgd_step_direct`."""
+    cdef _NetArgs g
+    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None)
+    if t < 0 or not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
+        return None
+    if amsgrad and not _c_array(vmax, t, 1, True):
+        return None
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
+    cdef const void* spans[7]
+    cdef size_t span_bytes[7]
+    cdef int n_spans = _net_spans(&g, spans, span_bytes)
+    cdef void* pm = cnp.PyArray_DATA(<cnp.ndarray>m)
+    cdef void* pv = cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef void* pvmax = cnp.PyArray_DATA(<cnp.ndarray>vmax) if amsgrad else NULL
+    _adam_state_checks(g.params_len, pm, cnp.PyArray_DIM(<cnp.ndarray>m, 0), pv,
+                       cnp.PyArray_DIM(<cnp.ndarray>v, 0), pvmax,
+                       cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0, g.itemsize, step,
+                       spans, span_bytes, n_spans)
+    cdef Py_ssize_t n_layers = len(sizes) - 1
+    cdef double value = 0
+    cdef int status = 0
+    cdef bint bad_label = False
+    with nogil:
+        if g.has_labels:
+            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
+        if not bad_label:
+            if t == cnp.NPY_FLOAT32:
+                status = _mlp_adam_step_loop(
+                    <const float*>g.X, <const int64_t*>g.labels, <const float*>g.targets,
+                    <float*>g.params, <float*>g.A, <float*>g.D, <float*>g.grad, <float*>pm,
+                    <float*>pv, <float*>pvmax, g.n, n_layers, c_sizes, acts, loss_code, step, lr,
+                    beta1, beta2, eps, weight_decay, decoupled, maximize, &value)
+            else:
+                status = _mlp_adam_step_loop(
+                    <const double*>g.X, <const int64_t*>g.labels, <const double*>g.targets,
+                    <double*>g.params, <double*>g.A, <double*>g.D, <double*>g.grad, <double*>pm,
+                    <double*>pv, <double*>pvmax, g.n, n_layers, c_sizes, acts, loss_code, step,
+                    lr, beta1, beta2, eps, weight_decay, decoupled, maximize, &value)
+    if bad_label:
+        return None
+    return value, status
 
 
 def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
@@ -1752,15 +1835,23 @@ def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError
     cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
-    others = [(<size_t>&X[0, 0], n * X.shape[1] * s), (<size_t>&params[0], P * s),
-              (<size_t>&A[0], A.shape[0] * s), (<size_t>&D[0], D.shape[0] * s),
-              (<size_t>&grad[0], P * s)]
+    cdef const void* spans[7]
+    cdef size_t span_bytes[7]
+    cdef int k = 5
+    spans[0], span_bytes[0] = &X[0, 0], n * X.shape[1] * s
+    spans[1], span_bytes[1] = &params[0], P * s
+    spans[2], span_bytes[2] = &A[0], A.shape[0] * s
+    spans[3], span_bytes[3] = &D[0], D.shape[0] * s
+    spans[4], span_bytes[4] = &grad[0], P * s
     if labels is not None:
-        others.append((<size_t>&labels[0], n * sizeof(int64_t)))
+        spans[k], span_bytes[k] = &labels[0], n * sizeof(int64_t)
+        k += 1
     if targets is not None:
-        others.append((<size_t>&targets[0, 0], n * targets.shape[1] * s))
+        spans[k], span_bytes[k] = &targets[0, 0], n * targets.shape[1] * s
+        k += 1
     _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
-                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, others)
+                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, spans,
+                       span_bytes, k)
     cdef double value = 0
     cdef int status = 0
     cdef bint bad_label = False
@@ -1784,6 +1875,17 @@ def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, 
                   weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
     """One Adam (AdamW) training step of a whole network in one call without the
     GIL. See `fastbp.reference.mlp_adam_step`."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        result = _adam_step_direct(X, labels, targets, params, tuple(sizes), tuple(activations),
+                                   loss, output, A, D, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                   step, lr, beta1, beta2, eps, weight_decay,
+                                   decoupled_weight_decay, amsgrad, maximize)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        result = None
+    if result is not None:
+        return result
     try:
         if isinstance(step, bool):
             raise TypeError
@@ -1817,20 +1919,29 @@ def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError
     cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
-    others = [(<size_t>&X[0, 0], X.shape[0] * X.shape[1] * s), (<size_t>&params[0], P * s),
-              (<size_t>&A[0], A.shape[0] * s), (<size_t>&D[0], D.shape[0] * s),
-              (<size_t>&grad[0], P * s), (<size_t>&order[0], order.shape[0] * sizeof(int64_t)),
-              (<size_t>&X_batch[0, 0], X_batch.shape[0] * X_batch.shape[1] * s),
-              (<size_t>&stop[0], 1)]
+    cdef const void* spans[12]
+    cdef size_t span_bytes[12]
+    cdef int k = 8
+    spans[0], span_bytes[0] = &X[0, 0], X.shape[0] * X.shape[1] * s
+    spans[1], span_bytes[1] = &params[0], P * s
+    spans[2], span_bytes[2] = &A[0], A.shape[0] * s
+    spans[3], span_bytes[3] = &D[0], D.shape[0] * s
+    spans[4], span_bytes[4] = &grad[0], P * s
+    spans[5], span_bytes[5] = &order[0], order.shape[0] * sizeof(int64_t)
+    spans[6], span_bytes[6] = &X_batch[0, 0], X_batch.shape[0] * X_batch.shape[1] * s
+    spans[7], span_bytes[7] = &stop[0], 1
     if labels is not None:
-        others.append((<size_t>&labels[0], labels.shape[0] * sizeof(int64_t)))
-        others.append((<size_t>&labels_batch[0], labels_batch.shape[0] * sizeof(int64_t)))
+        spans[k], span_bytes[k] = &labels[0], labels.shape[0] * sizeof(int64_t)
+        spans[k + 1], span_bytes[k + 1] = &labels_batch[0], labels_batch.shape[0] * sizeof(int64_t)
+        k += 2
     if targets is not None:
-        others.append((<size_t>&targets[0, 0], targets.shape[0] * targets.shape[1] * s))
-        others.append((<size_t>&targets_batch[0, 0],
-                       targets_batch.shape[0] * targets_batch.shape[1] * s))
+        spans[k], span_bytes[k] = &targets[0, 0], targets.shape[0] * targets.shape[1] * s
+        spans[k + 1], span_bytes[k + 1] = (&targets_batch[0, 0],
+                                           targets_batch.shape[0] * targets_batch.shape[1] * s)
+        k += 2
     _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
-                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, others)
+                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, spans,
+                       span_bytes, k)
     cdef double loss_sum = 0
     cdef Py_ssize_t steps = 0
     cdef int status
