@@ -288,17 +288,21 @@ def _bad_steps():
 
 @pytest.mark.parametrize("case", sorted(_bad_steps()))
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_bad_step_changes_nothing(case, backend):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_bad_step_changes_nothing(case, backend, optimizer):
     X, y, exc_type, message = _bad_steps()[case]
     net = fastbp.MLP([5, 3, 4], seed=0, backend=backend)
-    opt = fastbp.SGD(net.params, lr=0.1, momentum=0.9)
-    net.step(np.ones((2, 5)), [0, 1], opt)  # momentum state exists
-    before, buf = net.params.tobytes(), opt.momentum_buffer.tobytes()
+    opt = (fastbp.SGD(net.params, lr=0.1, momentum=0.9) if optimizer == "sgd"
+           else fastbp.Adam(net.params, lr=0.1, amsgrad=True))
+    net.step(np.ones((2, 5)), [0, 1], opt)  # optimizer state exists
+    state_bytes = lambda: {k: v.tobytes() if isinstance(v, np.ndarray) else v
+                           for k, v in opt.state().items()}
+    before, state = net.params.tobytes(), state_bytes()
     with pytest.raises(exc_type, match=message):
         net.step(X, y, opt)
     with pytest.raises(exc_type, match=message):
         net.gradients(X, y)
-    assert net.params.tobytes() == before and opt.momentum_buffer.tobytes() == buf
+    assert net.params.tobytes() == before and state_bytes() == state
     assert opt.step_count == 1
 
 

@@ -262,8 +262,9 @@ class MLP:
         return Y
 
     def _as_batch(self, X, y, lazy=False):
-        """Validated, converted (X, y); lazy=True leaves the checks that the fused
-        SGD step makes itself to it (see `_as_targets`)."""
+        """Validated, converted (X, y); lazy=True leaves the checks that the one-call
+        steps (`mlp_sgd_step`, `mlp_adam_step`) make themselves to them (see
+        `_as_targets`)."""
         X = self._as_input(X, check_finite=not lazy)
         y = self._as_targets(y, X.shape[0], lazy)
         if X.shape[0] == 0:
@@ -405,11 +406,11 @@ class MLP:
         not finite, raises FloatingPointError and leaves the network unchanged.
         """
         self._check_optimizer(optimizer)
-        fused = self._fused_sgd(optimizer)
-        # the fused SGD step refuses non-finite inputs without changing anything
-        # (and checks labels): no separate pass over the batch first
-        X, y = self._as_batch(X, y, lazy=fused)
-        return self._step_checked(X, y, optimizer, inputs_checked=not fused)
+        compiled = self._compiled(optimizer)
+        # the one-call steps refuse non-finite inputs without changing anything
+        # (and check labels): no separate pass over the batch first
+        X, y = self._as_batch(X, y, lazy=compiled)
+        return self._step_checked(X, y, optimizer, inputs_checked=not compiled)
 
     def _fused_sgd(self, optimizer):
         """Whether `optimizer` steps through the one-call `mlp_sgd_step`."""
@@ -459,6 +460,8 @@ class MLP:
                 o.max_exp_avg_sq, o.step_count + 1, o._lr, o.betas[0], o.betas[1], o.eps,
                 o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
             if status:
+                if not inputs_checked:
+                    self._blame_inputs(X, y)
                 raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
                                          "the network was not updated (lower the learning rate?)")
             o.step_count += 1
