@@ -122,7 +122,7 @@ class EpochSteps:
         self.stop = np.zeros(1, np.int8)
 
     def __call__(self):
-        self.net._sgd_epoch(self.X, self.y, None, self.batch, self.opt, self.stop)
+        self.net._compiled_epoch(self.X, self.y, None, self.batch, self.opt, self.stop)
 
 
 def torch_step(weights, biases, loss, lr=0.01):

@@ -412,11 +412,6 @@ class MLP:
         X, y = self._as_batch(X, y, lazy=compiled)
         return self._step_checked(X, y, optimizer, inputs_checked=not compiled)
 
-    def _fused_sgd(self, optimizer):
-        """Whether `optimizer` steps through the one-call `mlp_sgd_step`."""
-        o = optimizer
-        return type(o) is SGD and o.max_grad_norm is None and o._kernels in (None, self._kernels)
-
     def _compiled(self, optimizer):
         """Whether `optimizer` has whole-step and whole-epoch kernels (SGD, Adam, AdamW
         without gradient clipping, on the network's backend)."""
@@ -435,30 +430,21 @@ class MLP:
         """`step` on a batch already validated and converted (but for what
         `_as_batch(lazy=True)` leaves out, when inputs_checked is False)."""
         o = optimizer
-        if self._fused_sgd(o):
-            # forward, backward and update in one compiled call (mlp_sgd_step)
+        if self._compiled(o):
+            # forward, backward and update in one compiled call
             self._workspace(X.shape[0])
             labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
-            loss, status = self._kernels.mlp_sgd_step(
-                X, labels, targets, self.params, self.sizes, self.activations, self.loss,
-                self._train_activations[-1], self._A, self._D, self._grad, o.momentum_buffer,
-                o._lr, o.momentum, o.dampening, o.nesterov, o.weight_decay, o.maximize,
-                o.step_count == 0)
-            if status:
-                if not inputs_checked:
-                    self._blame_inputs(X, y)
-                raise FloatingPointError(f"the loss ({loss}) or a gradient is not finite; "
-                                         "the network was not updated (lower the learning rate?)")
-            o.step_count += 1
-            return loss
-        if self._compiled(o):  # Adam, AdamW: one compiled call (mlp_adam_step)
-            self._workspace(X.shape[0])
-            labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
-            loss, status = self._kernels.mlp_adam_step(
-                X, labels, targets, self.params, self.sizes, self.activations, self.loss,
-                self._train_activations[-1], self._A, self._D, self._grad, o.exp_avg, o.exp_avg_sq,
-                o.max_exp_avg_sq, o.step_count + 1, o._lr, o.betas[0], o.betas[1], o.eps,
-                o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
+            net = (X, labels, targets, self.params, self.sizes, self.activations, self.loss,
+                   self._train_activations[-1], self._A, self._D, self._grad)
+            if type(o) is SGD:
+                loss, status = self._kernels.mlp_sgd_step(
+                    *net, o.momentum_buffer, o._lr, o.momentum, o.dampening, o.nesterov,
+                    o.weight_decay, o.maximize, o.step_count == 0)
+            else:
+                loss, status = self._kernels.mlp_adam_step(
+                    *net, o.exp_avg, o.exp_avg_sq, o.max_exp_avg_sq, o.step_count + 1, o._lr,
+                    o.betas[0], o.betas[1], o.eps, o.weight_decay, o._decoupled, o.amsgrad,
+                    o.maximize)
             if status:
                 if not inputs_checked:
                     self._blame_inputs(X, y)
@@ -473,7 +459,7 @@ class MLP:
         optimizer._apply(self._grad, optimizer._kernels or self._kernels)  # clips in place
         return loss
 
-    def _sgd_epoch(self, X, y, order, batch_size, optimizer, stop):
+    def _compiled_epoch(self, X, y, order, batch_size, optimizer, stop):
         """One epoch in one compiled call (`mlp_sgd_epoch`, or `mlp_adam_epoch` for
         Adam and AdamW).
 

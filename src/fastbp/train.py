@@ -187,7 +187,7 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                 order = net._rng.permutation(n) if shuffle else None
                 if net._compiled(optimizer):
                     # the whole epoch in one compiled call
-                    total, seen = net._sgd_epoch(X, y, order, batch_size, optimizer, interrupt["stop"])
+                    total, seen = net._compiled_epoch(X, y, order, batch_size, optimizer, interrupt["stop"])
                 else:
                     total, seen = 0.0, 0
                     for lo in range(0, n, batch_size):
