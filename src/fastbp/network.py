@@ -434,17 +434,19 @@ class MLP:
             # forward, backward and update in one compiled call
             self._workspace(X.shape[0])
             labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
-            net = (X, labels, targets, self.params, self.sizes, self.activations, self.loss,
-                   self._train_activations[-1], self._A, self._D, self._grad)
+            # (arguments spelt out: packing them in a tuple would allocate each step)
             if type(o) is SGD:
                 loss, status = self._kernels.mlp_sgd_step(
-                    *net, o.momentum_buffer, o._lr, o.momentum, o.dampening, o.nesterov,
-                    o.weight_decay, o.maximize, o.step_count == 0)
+                    X, labels, targets, self.params, self.sizes, self.activations, self.loss,
+                    self._train_activations[-1], self._A, self._D, self._grad, o.momentum_buffer,
+                    o._lr, o.momentum, o.dampening, o.nesterov, o.weight_decay, o.maximize,
+                    o.step_count == 0)
             else:
                 loss, status = self._kernels.mlp_adam_step(
-                    *net, o.exp_avg, o.exp_avg_sq, o.max_exp_avg_sq, o.step_count + 1, o._lr,
-                    o.betas[0], o.betas[1], o.eps, o.weight_decay, o._decoupled, o.amsgrad,
-                    o.maximize)
+                    X, labels, targets, self.params, self.sizes, self.activations, self.loss,
+                    self._train_activations[-1], self._A, self._D, self._grad, o.exp_avg,
+                    o.exp_avg_sq, o.max_exp_avg_sq, o.step_count + 1, o._lr, o.betas[0],
+                    o.betas[1], o.eps, o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
             if status:
                 if not inputs_checked:
                     self._blame_inputs(X, y)
