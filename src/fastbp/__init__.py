@@ -6,6 +6,7 @@ The compiled kernels (`fastbp._kernels`) and their NumPy specification
 
 from ._backend import BACKENDS, get_backend
 from . import datasets
+from .checkpoint import Checkpoint, load, save
 from .diagnostics import gradcheck, layer_statistics
 from .network import LOSSES, MLP
 from .optim import (
@@ -30,5 +31,5 @@ __all__ = [
     "MLP", "SGD", "Adam", "AdamW", "Optimizer", "Schedule", "StepLR", "ExponentialLR",
     "CosineAnnealingLR", "LinearWarmup", "InverseScaling", "ReduceLROnPlateau", "EarlyStopping",
     "History", "gradcheck", "layer_statistics", "datasets", "LOSSES", "BACKENDS", "get_backend",
-    "set_num_threads", "get_num_threads", "__version__",
+    "set_num_threads", "get_num_threads", "save", "load", "Checkpoint", "__version__",
 ]
