@@ -53,6 +53,30 @@ def test_train_with_adam_writes_a_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_train_save_then_resume_equals_one_run(tmp_path):
+    # 3 epochs, save; resume for 4 more in another process: the network of 7 epochs
+    ck, once = str(tmp_path / "ck.fbp"), str(tmp_path / "once.fbp")
+    common = ("train", "--dataset", "spirals", "--hidden", "32", "--lr", "0.05", "--quiet")
+    for args in ((*common, "--epochs", "3", "--save", ck),
+                 (*common, "--epochs", "4", "--resume", ck, "--save", ck),
+                 (*common, "--epochs", "7", "--save", once)):
+        result = run(*args)
+        assert result.returncode == 0, result.stderr
+    assert "resumed from" in run(*common, "--epochs", "1", "--resume", ck).stdout
+    import fastbp
+
+    (a, opt_a), (b, opt_b) = fastbp.load(ck), fastbp.load(once)
+    assert a.epoch_ == b.epoch_ == 7 and opt_a.step_count == opt_b.step_count
+    assert a.params.tobytes() == b.params.tobytes()
+
+
+def test_resume_from_a_bad_file_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.fbp"
+    bad.write_bytes(b"not a checkpoint")
+    result = run("train", "--dataset", "spirals", "--epochs", "1", "--resume", str(bad))
+    assert result.returncode == 2 and "not a valid fastbp checkpoint" in result.stderr
+
+
 def test_vanishing_shows_sigmoid_gradients_shrinking():
     result = run("vanishing", "--depth", "8")
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ from ._backend import BACKENDS
 from ._checks import ACTIVATIONS
 from .diagnostics import layer_statistics
 from .network import MLP
+from .checkpoint import load, save
 from .optim import SGD, Adam, AdamW
 from .threads import set_num_threads
 
@@ -49,9 +50,22 @@ def _train(args):
     if args.threads is not None:
         set_num_threads(args.threads)
     X_train, X_test, y_train, y_test = _dataset(args.dataset, args.seed)
-    sizes = [X_train.shape[1], *args.hidden, int(y_train.max()) + 1]
-    net = MLP(sizes, activation=args.activation, dtype=args.dtype, seed=args.seed, backend=args.backend)
-    opt = _optimizer(args, net.params)
+    if args.resume:
+        # the network, optimizer, epoch count and shuffling state of the checkpoint:
+        # training continues exactly where it stopped
+        net, opt = load(args.resume, backend=args.backend)
+        if opt is None:
+            opt = _optimizer(args, net.params)
+        if net.n_features != X_train.shape[1] or net.n_outputs != int(y_train.max()) + 1:
+            raise ValueError(f"{args.resume} holds a {net.n_features}-input, {net.n_outputs}-class "
+                             f"network; {args.dataset} has {X_train.shape[1]} features and "
+                             f"{int(y_train.max()) + 1} classes")
+        print(f"resumed from {args.resume} after {net.epoch_} epochs")
+    else:
+        sizes = [X_train.shape[1], *args.hidden, int(y_train.max()) + 1]
+        net = MLP(sizes, activation=args.activation, dtype=args.dtype, seed=args.seed,
+                  backend=args.backend)
+        opt = _optimizer(args, net.params)
     print(f"{net}\n{opt}\n{args.dataset}: {len(X_train)} training and {len(X_test)} test samples "
           "(stratified 75/25 split, standardised)", flush=True)
     start = time.perf_counter()
@@ -60,7 +74,12 @@ def _train(args):
     elapsed = time.perf_counter() - start
     if history.stopped_early:
         print(f"stopped early: {history.stop_reason}")
-    print(f"test accuracy {net.score(X_test, y_test):.4f}  ({len(history)} epochs in {elapsed:.2f} s)")
+    accuracy = net.score(X_test, y_test)
+    print(f"test accuracy {accuracy:.4f}  ({len(history)} epochs in {elapsed:.2f} s)")
+    if args.save:
+        save(args.save, net, opt, metadata={"dataset": args.dataset, "seed": args.seed,
+                                            "epochs": net.epoch_, "test_accuracy": accuracy})
+        print(f"saved {args.save} (after {net.epoch_} epochs)")
     if args.plot:
         _plot(history, net, args.plot)
         print(f"wrote {args.plot}")
@@ -156,6 +175,10 @@ def build_parser():
     train.add_argument("--plot", metavar="PNG", help="write loss and gradient-norm curves (needs matplotlib)")
     train.add_argument("--quiet", action="store_true", help="no line per epoch")
     train.add_argument("--threads", type=_positive_int, help="BLAS threads (default: BLAS's own)")
+    train.add_argument("--save", metavar="PATH", help="write a checkpoint when training ends")
+    train.add_argument("--resume", metavar="PATH",
+                       help="continue from a checkpoint (its network and optimizer; --epochs more "
+                            "epochs on the same data set and seed)")
     train.set_defaults(func=_train)
 
     vanishing = commands.add_parser(
