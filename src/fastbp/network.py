@@ -177,6 +177,50 @@ class MLP:
         net._init = "torch"  # what fit(n_init=k) draws its other candidates from
         return net
 
+    @classmethod
+    def from_torch(cls, module, activation=None, loss="cross_entropy", *, output=None, dtype=None,
+                   seed=None, backend="cython"):
+        """A network with the weights of a PyTorch model (PyTorch's weight layout is
+        fastbp's).
+
+        Parameters
+        ----------
+        module : torch.nn.Sequential or its state_dict
+            nn.Linear layers with ReLU, Sigmoid, Tanh, Identity or LeakyReLU(0.01)
+            between them; it may end in the activation its loss implies (Softmax /
+            LogSoftmax for cross_entropy, Sigmoid for binary_cross_entropy, the
+            output activation for mse). A state_dict (tensors or arrays, no
+            PyTorch needed) gives only the layers: pass `activation`.
+        dtype : float32, float64 or None
+            None keeps the weights' dtype.
+        Other parameters as `MLP`.
+        """
+        from .pretrained import from_torch
+
+        return from_torch(cls, module, activation, loss, output=output, dtype=dtype, seed=seed,
+                          backend=backend)
+
+    def to_torch(self):
+        """The network as a torch.nn.Sequential (Linear and activation modules, same
+        dtype and weights). Its outputs are logits for cross_entropy and
+        binary_cross_entropy (add nn.Softmax / nn.Sigmoid for probabilities), the
+        network's outputs for mse."""
+        from .pretrained import to_torch
+
+        return to_torch(self)
+
+    @classmethod
+    def from_sklearn(cls, estimator, *, dtype=None, seed=None, backend="cython"):
+        """A network with the weights of a fitted scikit-learn MLPClassifier or
+        MLPRegressor (its ``coefs_`` are transposed to fastbp's layout).
+
+        Softmax outputs become loss="cross_entropy", a logistic output (binary or
+        multi-label) loss="binary_cross_entropy", an identity output loss="mse".
+        """
+        from .pretrained import from_sklearn
+
+        return from_sklearn(cls, estimator, dtype=dtype, seed=seed, backend=backend)
+
     # -- structure ---------------------------------------------------------
 
     @property
