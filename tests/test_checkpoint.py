@@ -105,6 +105,37 @@ def test_fine_tuning_a_loaded_network_with_a_new_optimizer(tmp_path):
     assert net2.evaluate(X, y) < before
 
 
+SCHEDULES = {
+    "step": lambda: fastbp.StepLR(2, gamma=0.5),
+    "exponential": lambda: fastbp.ExponentialLR(0.9),
+    "cosine": lambda: fastbp.CosineAnnealingLR(3, eta_min=1e-4),
+    "warmup": lambda: fastbp.LinearWarmup(3),
+    "inverse": lambda: fastbp.InverseScaling(0.5),
+    "plateau": lambda: fastbp.ReduceLROnPlateau(factor=0.5, patience=0, threshold=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_resume_with_a_schedule_continues_it_exactly(tmp_path, name):
+    X, y = data(ARCHITECTURES["relu ce float32"])
+    runs = []
+    for split_at in (None, 3):
+        net = fastbp.MLP([5, 8, 3], seed=0)
+        opt = fastbp.SGD(net.params, lr=0.1, momentum=0.9)
+        sched = SCHEDULES[name]()
+        if split_at is None:
+            net.fit(X, y, epochs=7, optimizer=opt, schedule=sched, progress=False)
+        else:
+            net.fit(X, y, epochs=split_at, optimizer=opt, schedule=sched, progress=False)
+            fastbp.save(tmp_path / "s.fbp", net, opt, schedule=sched)
+            ck = fastbp.load(tmp_path / "s.fbp")
+            assert type(ck.schedule) is type(sched) and vars(ck.schedule) == vars(sched)
+            net, opt = ck
+            net.fit(X, y, epochs=7 - split_at, optimizer=opt, schedule=ck.schedule, progress=False)
+        runs.append((net.params.tobytes(), opt.lr))
+    assert runs[0] == runs[1]
+
+
 RESUME = textwrap.dedent("""
     import sys, numpy as np, fastbp
     mode, path, opt_name, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -266,6 +297,15 @@ BAD_HEADERS = {
     "array shape": (edit(lambda h: h["arrays"][0].update(shape=[2, 3])), "shape"),
     "metadata too deep": (edit(lambda h: h.update(metadata=json.loads("[" * 40 + "]" * 40))),
                           "nests"),
+    "unknown schedule": (edit(lambda h: h.update(schedule={"type": "eval", "attributes": {}})),
+                         "schedule type"),
+    "bad schedule setting": (edit(lambda h: h.update(schedule={
+        "type": "StepLR", "attributes": {"step_size": 0, "gamma": 0.5}})), "schedule cannot be built"),
+    "schedule with a string": (edit(lambda h: h.update(schedule={
+        "type": "StepLR", "attributes": {"step_size": 2, "gamma": "0.5"}})), "finite numbers"),
+    "unknown schedule entry": (edit(lambda h: h.update(schedule={
+        "type": "StepLR", "attributes": {"step_size": 2, "gamma": 0.5, "__class__": 1}})),
+        "unknown entries"),
 }
 
 
@@ -309,6 +349,8 @@ def test_bad_save_arguments_write_nothing(tmp_path):
         fastbp.save(path, other, opt)
     with pytest.raises(TypeError, match="fastbp.MLP"):
         fastbp.save(path, "net")
+    with pytest.raises(TypeError, match="schedule"):
+        fastbp.save(path, net, opt, schedule="cosine")
     assert os.listdir(tmp_path) == []
 
 

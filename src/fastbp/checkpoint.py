@@ -27,6 +27,7 @@ moment leaves the previous checkpoint whole (and at worst a stray
 """
 
 import hashlib
+import inspect
 import json
 import math
 import numbers
@@ -37,7 +38,8 @@ import tempfile
 import numpy as np
 
 from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS
-from .optim import SGD, Adam, AdamW, Optimizer
+from . import optim
+from .optim import SGD, Adam, AdamW
 
 __all__ = ["save", "load", "Checkpoint", "FORMAT_VERSION"]
 
@@ -53,17 +55,21 @@ _MAX_WIDTH = 2**31 - 1
 _MAX_METADATA_DEPTH = 32
 
 _OPTIMIZERS = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
+_SCHEDULES = {c.__name__: c for c in (optim.StepLR, optim.ExponentialLR, optim.CosineAnnealingLR,
+                                      optim.LinearWarmup, optim.InverseScaling,
+                                      optim.ReduceLROnPlateau)}
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}
 
 
 class Checkpoint(tuple):
-    """What `load` returns: unpacks as ``net, optimizer``; also has ``.metadata``
-    and ``.fastbp_version``."""
+    """What `load` returns: unpacks as ``net, optimizer``; also has ``.schedule``
+    (None when none was saved), ``.metadata`` and ``.fastbp_version``."""
 
-    def __new__(cls, net, optimizer, metadata, fastbp_version):
+    def __new__(cls, net, optimizer, metadata, fastbp_version, schedule=None):
         self = super().__new__(cls, (net, optimizer))
         self.metadata = metadata
         self.fastbp_version = fastbp_version
+        self.schedule = schedule
         return self
 
     @property
@@ -111,7 +117,14 @@ def _optimizer_config(optimizer):
     return config
 
 
-def save(path, net, optimizer=None, *, metadata=None):
+def _schedule_header(schedule):
+    if type(schedule) not in _SCHEDULES.values():
+        raise TypeError("schedule must be one of fastbp's learning-rate schedules (or None), "
+                        f"got {type(schedule).__name__}")
+    return {"type": type(schedule).__name__, "attributes": dict(vars(schedule))}
+
+
+def save(path, net, optimizer=None, *, schedule=None, metadata=None):
     """Write a checkpoint of `net` (and `optimizer`, built on ``net.params``) to `path`.
 
     Parameters
@@ -119,6 +132,9 @@ def save(path, net, optimizer=None, *, metadata=None):
     path : str or os.PathLike
     net : fastbp.MLP
     optimizer : fastbp.SGD, Adam or AdamW, optional
+    schedule : a fastbp learning-rate schedule, optional
+        Its settings and state (base rate, plateau counters), so that a resumed
+        `fit` with ``schedule=checkpoint.schedule`` continues it exactly.
     metadata : JSON-compatible value, optional
         Stored as is (dicts with string keys, lists, strings, numbers, bools, None).
 
@@ -136,6 +152,7 @@ def save(path, net, optimizer=None, *, metadata=None):
         if optimizer.params is not net.params:
             raise ValueError("optimizer was built on another parameter array than net.params")
     metadata = _json_safe(metadata)
+    schedule_header = None if schedule is None else _schedule_header(schedule)
     dtype = "<f4" if net.dtype == np.float32 else "<f8"
     arrays = [("params", net.params)]
     opt_header = None
@@ -156,6 +173,7 @@ def save(path, net, optimizer=None, *, metadata=None):
                     "loss": net.loss, "output": net.output, "dtype": dtype,
                     "backend": net.backend, "epoch": int(net.epoch_), "rng": rng_state},
         "optimizer": opt_header,
+        "schedule": schedule_header,
         "metadata": metadata,
         "arrays": [],
     }
@@ -309,7 +327,7 @@ def load(path, *, backend=None):
     data = memoryview(body)[data_start:]
 
     _keys(header, path, "the header", ("format", "fastbp_version", "network", "optimizer",
-                                       "metadata", "arrays"))
+                                       "schedule", "metadata", "arrays"))
     _expect(header["format"] == "fastbp-checkpoint", path, "the header's format is not fastbp-checkpoint")
     _expect(isinstance(header["fastbp_version"], str), path, "fastbp_version is not a string")
 
@@ -372,6 +390,7 @@ def load(path, *, backend=None):
         end = off + size
     _expect(all(np.isfinite(a).all() for a in arrays.values()), path, "an array holds NaN or infinity")
     _check_metadata(header["metadata"], path)
+    schedule = None if header["schedule"] is None else _build_schedule(header["schedule"], path)
 
     # Everything is checked: build (nothing above has created a network).
     params = arrays["params"]
@@ -409,7 +428,7 @@ def load(path, *, backend=None):
                    if getattr(optimizer, s) is not None and s not in optspec["state_arrays"]]
         _expect(not missing, path, f"optimizer state {', '.join(missing)} is missing")
         optimizer.step_count = optspec["step_count"]
-    return Checkpoint(net, optimizer, header["metadata"], header["fastbp_version"])
+    return Checkpoint(net, optimizer, header["metadata"], header["fastbp_version"], schedule)
 
 
 def _check_rng(state, path):
@@ -441,3 +460,27 @@ def _check_metadata(value, path, depth=0):
             _check_metadata(v, path, depth + 1)
     else:
         _expect(value is None or isinstance(value, (bool, int, float, str)), path, "metadata is not JSON")
+
+
+def _build_schedule(spec, path):
+    """A schedule from its saved type and attributes: the settings through the
+    class's own constructor (which checks them), the state (numbers) set after."""
+    _keys(spec, path, "schedule", ("type", "attributes"))
+    cls = _SCHEDULES.get(spec["type"]) if isinstance(spec["type"], str) else None
+    _expect(cls is not None, path, f"unknown schedule type {spec['type']!r}")
+    attrs = spec["attributes"]
+    _expect(isinstance(attrs, dict) and all(
+        v is None or _is_number(v) and (math.isfinite(v) or k == "best") for k, v in attrs.items()),
+        path, "schedule attributes are not finite numbers")
+    settings = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    _expect(all(p in attrs for p in settings), path, "schedule settings are missing")
+    try:
+        schedule = cls(**{p: attrs[p] for p in settings})
+    except (TypeError, ValueError) as exc:
+        raise _bad(path, f"its schedule cannot be built ({exc})") from None
+    state = dict(vars(schedule))
+    _expect(set(attrs) <= set(state) | {"base_lr"}, path,
+            f"schedule has unknown entries {', '.join(map(repr, set(attrs) - set(state) - {'base_lr'}))}")
+    for k, v in attrs.items():
+        setattr(schedule, k, v)
+    return schedule
