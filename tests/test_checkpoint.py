@@ -351,6 +351,9 @@ def test_bad_save_arguments_write_nothing(tmp_path):
         fastbp.save(path, "net")
     with pytest.raises(TypeError, match="schedule"):
         fastbp.save(path, net, opt, schedule="cosine")
+    mt = fastbp.MLP([5, 8, 3], seed=np.random.Generator(np.random.MT19937(0)))
+    with pytest.raises(ValueError, match="PCG64"):
+        fastbp.save(path, mt)
     assert os.listdir(tmp_path) == []
 
 

@@ -166,6 +166,9 @@ def save(path, net, optimizer=None, *, schedule=None, metadata=None):
         opt_header = {"type": type(optimizer).__name__, "config": _optimizer_config(optimizer),
                       "step_count": int(optimizer.step_count), "state_arrays": state_names}
     rng_state = net._rng.bit_generator.state
+    if rng_state.get("bit_generator") != "PCG64":
+        raise ValueError("checkpoints keep PCG64 random generators (numpy's default); this "
+                         f"network's is {rng_state.get('bit_generator')}")
     header = {
         "format": "fastbp-checkpoint",
         "fastbp_version": __version__,
