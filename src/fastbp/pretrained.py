@@ -32,7 +32,7 @@ def _as_array(t, name):
     return a
 
 
-def layers_from_torch(source, loss):
+def layers_from_torch(source):
     """(weights, biases, hidden activations or None, output activation or None)
     from an nn.Sequential (or its state_dict)."""
     if isinstance(source, Mapping):
@@ -90,7 +90,7 @@ def layers_from_torch(source, loss):
 
 def from_torch(cls, source, activation=None, loss="cross_entropy", *, output=None, dtype=None,
                seed=None, backend="cython"):
-    weights, biases, acts, last = layers_from_torch(source, loss)
+    weights, biases, acts, last = layers_from_torch(source)
     if acts is None:  # a state_dict: the activations must be given
         if activation is None:
             raise ValueError("a state_dict carries no activations: pass activation=")
