@@ -1240,9 +1240,10 @@ cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
                           const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
                           tuple activations, str loss, str output, floating[::1] A,
                           floating[::1] D, floating[::1] grad, Py_ssize_t buf_size,
-                          const void* buf, Py_ssize_t* c_sizes, int* acts) except -1:
-    """`_net_checks` on typed memoryviews (buf: buf_size elements, or NULL)."""
-    cdef _NetArgs g
+                          const void* buf, Py_ssize_t* c_sizes, int* acts,
+                          _NetArgs* g) except -1:
+    """`_net_checks` on typed memoryviews (buf: buf_size elements, or NULL), through
+    the _NetArgs it fills in g (for `_net_spans`)."""
     g.n, g.x_cols, g.X = X.shape[0], X.shape[1], &X[0, 0]
     g.has_labels = labels is not None
     if g.has_labels:
@@ -1257,7 +1258,7 @@ cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
     g.has_buf = buf != NULL
     g.buf, g.buf_len = buf, buf_size
     g.itemsize = sizeof(floating)
-    return _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
+    return _net_checks(g, sizes, activations, loss, output, c_sizes, acts)
 
 
 def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
@@ -1266,8 +1267,9 @@ def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
                    floating[::1] grad):
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
+    cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
-                                          output, A, D, grad, 0, NULL, c_sizes, acts)
+                                          output, A, D, grad, 0, NULL, c_sizes, acts, &g)
     cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
     cdef double value = 0
     cdef bint bad_label = False
@@ -1312,9 +1314,10 @@ def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
     if momentum != 0 and buf is None:
         raise ValueError
     cdef floating* pbuf = &buf[0] if buf is not None else NULL
+    cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
                                           output, A, D, grad, 0 if pbuf == NULL else buf.shape[0],
-                                          pbuf, c_sizes, acts)
+                                          pbuf, c_sizes, acts, &g)
     cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
     cdef double value = 0
     cdef int status = 0
@@ -1587,9 +1590,11 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
                             int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
                             floating[::1] buf, const int8_t[::1] stop, double momentum,
                             double dampening, bint nesterov, Py_ssize_t* c_sizes,
-                            int* acts) except -1:
+                            int* acts, const void** start, size_t* nbytes,
+                            int* n_spans) except -1:
     """The checks of `check_epoch_call` in C (a bare ValueError on any failure; the
-    public function then runs check_epoch_call for the message). Returns the loss code."""
+    public function then runs check_epoch_call for the message). Returns the loss code;
+    fills start/nbytes (room for 13) with the non-empty arrays' spans, n_spans of them."""
     cdef Py_ssize_t N = X.shape[0], m = order.shape[0], rows, i, j, n_out
     cdef size_t s = sizeof(floating)
     if batch_size < 1 or nesterov and (momentum <= 0 or dampening != 0):
@@ -1610,8 +1615,6 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
                                 or targets_batch.shape[1] != targets.shape[1]):
         raise ValueError
     # writable arguments must not overlap any other
-    cdef const void* start[13]
-    cdef size_t nbytes[13]
     cdef bint writable[13]
     cdef int count = 0
     for i, (p, size, w) in enumerate((
@@ -1640,6 +1643,7 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
             for j in range(count):
                 if i != j and _overlap(start[i], nbytes[i], start[j], nbytes[j], False):
                     raise ValueError
+    n_spans[0] = count
     # the network part, as mlp_gradients checks it, on a full batch
     cdef floating[:, ::1] Xb = X_batch[:rows]
     cdef int64_t[::1] lb = None
@@ -1651,9 +1655,10 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
         tb = targets_batch[:rows]
     if buf is not None:
         pbuf = &buf[0]
+    cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(Xb, lb, tb, params, sizes, activations, loss, output,
                                           A, D, grad, 0 if pbuf == NULL else buf.shape[0], pbuf,
-                                          c_sizes, acts)
+                                          c_sizes, acts, &g)
     if labels is not None:
         n_out = c_sizes[len(sizes) - 1]
         with nogil:
@@ -1661,6 +1666,35 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
         if i >= 0:
             raise ValueError
     return loss_code
+
+
+cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
+                       const floating[:, ::1] targets, const int64_t[::1] order,
+                       Py_ssize_t batch_size, floating[::1] params, floating[::1] A,
+                       floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
+                       int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
+                       const int8_t[::1] stop, const _Optim* o, Py_ssize_t n_layers,
+                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
+    """`_epoch_loop` on checked arguments, for both optimizers: (loss_sum, steps,
+    status), or what a signal handler raised, carried out as _Signalled."""
+    cdef double loss_sum = 0
+    cdef Py_ssize_t steps = 0
+    cdef int status
+    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
+    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
+    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
+    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
+    with nogil:
+        status = _epoch_loop(
+            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
+            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, o, &stop[0],
+            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
+    if status == 3:
+        try:
+            _reraise()
+        except BaseException as exc:
+            raise _Signalled(exc)
+    return loss_sum, steps, status
 
 
 def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
@@ -1671,36 +1705,23 @@ def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                    floating[::1] momentum_buffer, const int8_t[::1] stop, double lr,
                    double momentum, double dampening, bint nesterov, double weight_decay,
                    bint maximize, bint first_step):
-    cdef Py_ssize_t n_layers = len(sizes) - 1
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
+    cdef const void* spans[13]
+    cdef size_t span_bytes[13]
+    cdef int n_spans
     cdef floating[::1] buf = momentum_buffer if momentum != 0 else None
     cdef int loss_code = _epoch_fast_checks(
         X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
         grad, X_batch, labels_batch, targets_batch, buf, stop, momentum, dampening, nesterov,
-        c_sizes, acts)
-    cdef double loss_sum = 0
-    cdef Py_ssize_t steps = 0
-    cdef int status
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
-    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
+        c_sizes, acts, spans, span_bytes, &n_spans)
     cdef _Optim o
     o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
     o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
     o.buf = &buf[0] if buf is not None else NULL
-    with nogil:
-        status = _epoch_loop(
-            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
-            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, &o, &stop[0],
-            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
-    if status == 3:
-        try:
-            _reraise()
-        except BaseException as exc:
-            raise _Signalled(exc)
-    return loss_sum, steps, status
+    return _run_epoch(X, labels, targets, order, batch_size, params, A, D, grad, X_batch,
+                      labels_batch, targets_batch, stop, &o, len(sizes) - 1, c_sizes, acts,
+                      loss_code)
 
 
 def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
@@ -1828,30 +1849,19 @@ def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
                    bint maximize):
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
+    cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
-                                          output, A, D, grad, 0, NULL, c_sizes, acts)
-    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, P = params.shape[0]
-    cdef size_t s = sizeof(floating)
+                                          output, A, D, grad, 0, NULL, c_sizes, acts, &g)
+    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError
     cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
     cdef const void* spans[7]
     cdef size_t span_bytes[7]
-    cdef int k = 5
-    spans[0], span_bytes[0] = &X[0, 0], n * X.shape[1] * s
-    spans[1], span_bytes[1] = &params[0], P * s
-    spans[2], span_bytes[2] = &A[0], A.shape[0] * s
-    spans[3], span_bytes[3] = &D[0], D.shape[0] * s
-    spans[4], span_bytes[4] = &grad[0], P * s
-    if labels is not None:
-        spans[k], span_bytes[k] = &labels[0], n * sizeof(int64_t)
-        k += 1
-    if targets is not None:
-        spans[k], span_bytes[k] = &targets[0, 0], n * targets.shape[1] * s
-        k += 1
-    _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
-                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, spans,
-                       span_bytes, k)
+    cdef int n_spans = _net_spans(&g, spans, span_bytes)
+    _adam_state_checks(params.shape[0], &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
+                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
+                       sizeof(floating), step, spans, span_bytes, n_spans)
     cdef double value = 0
     cdef int status = 0
     cdef bint bad_label = False
@@ -1908,62 +1918,30 @@ def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                     floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq,
                     const int8_t[::1] stop, long step, double lr, double beta1, double beta2,
                     double eps, double weight_decay, bint decoupled, bint amsgrad, bint maximize):
-    cdef Py_ssize_t n_layers = len(sizes) - 1, P = params.shape[0]
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
-    cdef size_t s = sizeof(floating)
+    cdef const void* spans[13]
+    cdef size_t span_bytes[13]
+    cdef int n_spans
     cdef floating[::1] no_buf = None
     cdef int loss_code = _epoch_fast_checks(
         X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
-        grad, X_batch, labels_batch, targets_batch, no_buf, stop, 0, 0, False, c_sizes, acts)
+        grad, X_batch, labels_batch, targets_batch, no_buf, stop, 0, 0, False, c_sizes, acts,
+        spans, span_bytes, &n_spans)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError
     cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
-    cdef const void* spans[12]
-    cdef size_t span_bytes[12]
-    cdef int k = 8
-    spans[0], span_bytes[0] = &X[0, 0], X.shape[0] * X.shape[1] * s
-    spans[1], span_bytes[1] = &params[0], P * s
-    spans[2], span_bytes[2] = &A[0], A.shape[0] * s
-    spans[3], span_bytes[3] = &D[0], D.shape[0] * s
-    spans[4], span_bytes[4] = &grad[0], P * s
-    spans[5], span_bytes[5] = &order[0], order.shape[0] * sizeof(int64_t)
-    spans[6], span_bytes[6] = &X_batch[0, 0], X_batch.shape[0] * X_batch.shape[1] * s
-    spans[7], span_bytes[7] = &stop[0], 1
-    if labels is not None:
-        spans[k], span_bytes[k] = &labels[0], labels.shape[0] * sizeof(int64_t)
-        spans[k + 1], span_bytes[k + 1] = &labels_batch[0], labels_batch.shape[0] * sizeof(int64_t)
-        k += 2
-    if targets is not None:
-        spans[k], span_bytes[k] = &targets[0, 0], targets.shape[0] * targets.shape[1] * s
-        spans[k + 1], span_bytes[k + 1] = (&targets_batch[0, 0],
-                                           targets_batch.shape[0] * targets_batch.shape[1] * s)
-        k += 2
-    _adam_state_checks(P, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0], exp_avg_sq.shape[0],
-                       pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0, s, step, spans,
-                       span_bytes, k)
-    cdef double loss_sum = 0
-    cdef Py_ssize_t steps = 0
-    cdef int status
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
-    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
+    # the state must not overlap any of the epoch's arrays (spans from the checks above)
+    _adam_state_checks(params.shape[0], &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
+                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
+                       sizeof(floating), step, spans, span_bytes, n_spans)
     cdef _Optim o
     o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
     o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
     o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
-    with nogil:
-        status = _epoch_loop(
-            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
-            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, &o, &stop[0],
-            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
-    if status == 3:
-        try:
-            _reraise()
-        except BaseException as exc:
-            raise _Signalled(exc)
-    return loss_sum, steps, status
+    return _run_epoch(X, labels, targets, order, batch_size, params, A, D, grad, X_batch,
+                      labels_batch, targets_batch, stop, &o, len(sizes) - 1, c_sizes, acts,
+                      loss_code)
 
 
 def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
