@@ -1394,6 +1394,60 @@ cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targ
     return t
 
 
+cdef struct _Optim:
+    # One optimizer's settings and state, for the compiled step (_run_step) and epoch loops.
+    bint adam
+    double lr, momentum, dampening, weight_decay, beta1, beta2, eps
+    bint nesterov, maximize, decoupled, amsgrad, first_step
+    long step  # Adam: the number of the epoch's first update, counting from 1
+    void* buf
+    void* m
+    void* v
+    void* vmax
+
+
+cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T,
+                     floating* params, floating* A, floating* D, floating* grad, Py_ssize_t n,
+                     Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts, int loss,
+                     const _Optim* o, Py_ssize_t k, double* loss_out) noexcept nogil:
+    """The k-th (from 0) step of an epoch with optimizer o: 0 applied, 1 refused."""
+    if o.adam:
+        return _mlp_adam_step_loop(X, labels, T, params, A, D, grad, <floating*>o.m,
+                                   <floating*>o.v, <floating*>o.vmax, n, n_layers, sizes, acts,
+                                   loss, o.step + k, o.lr, o.beta1, o.beta2, o.eps,
+                                   o.weight_decay, o.decoupled, o.maximize, loss_out)
+    return _mlp_sgd_step_loop(X, labels, T, params, A, D, grad, <floating*>o.buf, n, n_layers,
+                              sizes, acts, loss, <floating>o.lr, <floating>o.momentum,
+                              <floating>(1 - o.dampening), o.nesterov, <floating>o.weight_decay,
+                              o.maximize, o.first_step and k == 0, loss_out)
+
+
+cdef object _run_step(const _NetArgs* g, int t, const _Optim* o, Py_ssize_t n_layers,
+                      const Py_ssize_t* c_sizes, const int* acts, int loss_code):
+    """One step with optimizer o on checked plain arrays (type number t): (loss,
+    status), or None when a label is out of range (the general path names it)."""
+    cdef double value = 0
+    cdef int status = 0
+    cdef bint bad_label = False
+    with nogil:
+        if g.has_labels:
+            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
+        if not bad_label:
+            if t == cnp.NPY_FLOAT32:
+                status = _optim_step(<const float*>g.X, <const int64_t*>g.labels,
+                                     <const float*>g.targets, <float*>g.params, <float*>g.A,
+                                     <float*>g.D, <float*>g.grad, g.n, n_layers, c_sizes, acts,
+                                     loss_code, o, 0, &value)
+            else:
+                status = _optim_step(<const double*>g.X, <const int64_t*>g.labels,
+                                     <const double*>g.targets, <double*>g.params, <double*>g.A,
+                                     <double*>g.D, <double*>g.grad, g.n, n_layers, c_sizes, acts,
+                                     loss_code, o, 0, &value)
+    if bad_label:
+        return None
+    return value, status
+
+
 cdef object _sgd_step_direct(object X, object labels, object targets, object params, tuple sizes,
                              tuple activations, str loss, str output, object A, object D,
                              object grad, object buf, double lr, double momentum,
@@ -1415,30 +1469,10 @@ cdef object _sgd_step_direct(object X, object labels, object targets, object par
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
     cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
-    cdef Py_ssize_t n_layers = len(sizes) - 1
-    cdef double value = 0
-    cdef int status = 0
-    cdef bint bad_label = False
-    with nogil:
-        if g.has_labels:
-            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            if t == cnp.NPY_FLOAT32:
-                status = _mlp_sgd_step_loop(
-                    <const float*>g.X, <const int64_t*>g.labels, <const float*>g.targets,
-                    <float*>g.params, <float*>g.A, <float*>g.D, <float*>g.grad, <float*>g.buf,
-                    g.n, n_layers, c_sizes, acts, loss_code, <float>lr, <float>momentum,
-                    <float>(1 - dampening), nesterov, <float>weight_decay, maximize, first_step,
-                    &value)
-            else:
-                status = _mlp_sgd_step_loop(
-                    <const double*>g.X, <const int64_t*>g.labels, <const double*>g.targets,
-                    <double*>g.params, <double*>g.A, <double*>g.D, <double*>g.grad, <double*>g.buf,
-                    g.n, n_layers, c_sizes, acts, loss_code, lr, momentum, 1 - dampening,
-                    nesterov, weight_decay, maximize, first_step, &value)
-    if bad_label:
-        return None
-    return value, status
+    cdef _Optim o
+    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
+    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, g.buf
+    return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
 def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
@@ -1511,34 +1545,6 @@ cdef int _reraise() except -1:
     # Returning -1 from an `except -1` function propagates the error that
     # PyErr_CheckSignals left set (a signal handler raised).
     return -1
-
-
-cdef struct _Optim:
-    # One optimizer's settings and state, for the compiled epoch loop.
-    bint adam
-    double lr, momentum, dampening, weight_decay, beta1, beta2, eps
-    bint nesterov, maximize, decoupled, amsgrad, first_step
-    long step  # Adam: the number of the epoch's first update, counting from 1
-    void* buf
-    void* m
-    void* v
-    void* vmax
-
-
-cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T,
-                     floating* params, floating* A, floating* D, floating* grad, Py_ssize_t n,
-                     Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts, int loss,
-                     const _Optim* o, Py_ssize_t k, double* loss_out) noexcept nogil:
-    """The k-th (from 0) step of an epoch with optimizer o: 0 applied, 1 refused."""
-    if o.adam:
-        return _mlp_adam_step_loop(X, labels, T, params, A, D, grad, <floating*>o.m,
-                                   <floating*>o.v, <floating*>o.vmax, n, n_layers, sizes, acts,
-                                   loss, o.step + k, o.lr, o.beta1, o.beta2, o.eps,
-                                   o.weight_decay, o.decoupled, o.maximize, loss_out)
-    return _mlp_sgd_step_loop(X, labels, T, params, A, D, grad, <floating*>o.buf, n, n_layers,
-                              sizes, acts, loss, <floating>o.lr, <floating>o.momentum,
-                              <floating>(1 - o.dampening), o.nesterov, <floating>o.weight_decay,
-                              o.maximize, o.first_step and k == 0, loss_out)
 
 
 cdef int _epoch_loop(const floating* X, const int64_t* labels, const floating* T,
@@ -1815,29 +1821,11 @@ cdef object _adam_step_direct(object X, object labels, object targets, object pa
                        cnp.PyArray_DIM(<cnp.ndarray>v, 0), pvmax,
                        cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0, g.itemsize, step,
                        spans, span_bytes, n_spans)
-    cdef Py_ssize_t n_layers = len(sizes) - 1
-    cdef double value = 0
-    cdef int status = 0
-    cdef bint bad_label = False
-    with nogil:
-        if g.has_labels:
-            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            if t == cnp.NPY_FLOAT32:
-                status = _mlp_adam_step_loop(
-                    <const float*>g.X, <const int64_t*>g.labels, <const float*>g.targets,
-                    <float*>g.params, <float*>g.A, <float*>g.D, <float*>g.grad, <float*>pm,
-                    <float*>pv, <float*>pvmax, g.n, n_layers, c_sizes, acts, loss_code, step, lr,
-                    beta1, beta2, eps, weight_decay, decoupled, maximize, &value)
-            else:
-                status = _mlp_adam_step_loop(
-                    <const double*>g.X, <const int64_t*>g.labels, <const double*>g.targets,
-                    <double*>g.params, <double*>g.A, <double*>g.D, <double*>g.grad, <double*>pm,
-                    <double*>pv, <double*>pvmax, g.n, n_layers, c_sizes, acts, loss_code, step,
-                    lr, beta1, beta2, eps, weight_decay, decoupled, maximize, &value)
-    if bad_label:
-        return None
-    return value, status
+    cdef _Optim o
+    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
+    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
+    o.m, o.v, o.vmax = pm, pv, pvmax
+    return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
 def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
