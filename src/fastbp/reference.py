@@ -580,6 +580,18 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
     check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
                      A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, momentum,
                      nesterov, dampening, stop)
+    return _epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                  A, D, grad, X_batch, labels_batch, targets_batch, stop,
+                  lambda k: sgd_update(params, grad, momentum_buffer if momentum else None, lr,
+                                       momentum, dampening, nesterov, weight_decay, maximize,
+                                       first_step and k == 0))
+
+
+def _epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
+           grad, X_batch, labels_batch, targets_batch, stop, update):
+    """The batch loop of both epochs, on checked arguments: gather each batch's
+    rows, `mlp_gradients`, and if the loss and gradient are finite `update(k)` for
+    the epoch's k-th step (from 0). Returns (loss_sum, steps, status)."""
     loss_sum, steps = 0.0, 0
     for lo in range(0, order.shape[0], batch_size):
         rows = order[lo:lo + batch_size]
@@ -590,8 +602,7 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
         value = mlp_gradients(Xb, lb, tb, params, sizes, activations, loss, output, A, D, grad)
         if not (np.isfinite(value) and all_finite(grad)):
             return loss_sum, steps, 1
-        sgd_update(params, grad, momentum_buffer if momentum else None, lr, momentum, dampening,
-                   nesterov, weight_decay, maximize, first_step and steps == 0)
+        update(steps)
         loss_sum += value * nb
         steps += 1
         if stop[0]:
@@ -636,20 +647,8 @@ def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activat
     check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
                           output, A, D, grad, X_batch, labels_batch, targets_batch, exp_avg,
                           exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad)
-    loss_sum, steps = 0.0, 0
-    for lo in range(0, order.shape[0], batch_size):
-        rows = order[lo:lo + batch_size]
-        nb = rows.shape[0]
-        Xb = np.take(X, rows, axis=0, out=X_batch[:nb])
-        lb = None if labels is None else np.take(labels, rows, out=labels_batch[:nb])
-        tb = None if targets is None else np.take(targets, rows, axis=0, out=targets_batch[:nb])
-        value = mlp_gradients(Xb, lb, tb, params, sizes, activations, loss, output, A, D, grad)
-        if not (np.isfinite(value) and all_finite(grad)):
-            return loss_sum, steps, 1
-        adam_update(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step + steps, lr, beta1,
-                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
-        loss_sum += value * nb
-        steps += 1
-        if stop[0]:
-            return loss_sum, steps, 2
-    return loss_sum, steps, 0
+    return _epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
+                  A, D, grad, X_batch, labels_batch, targets_batch, stop,
+                  lambda k: adam_update(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step + k,
+                                        lr, beta1, beta2, eps, weight_decay,
+                                        decoupled_weight_decay, amsgrad, maximize))
