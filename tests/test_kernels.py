@@ -303,6 +303,22 @@ def test_mlp_sgd_epoch(impl, dtype, n, batch_size, width, seed, loss, momentum, 
         np.testing.assert_allclose(params, eparams, rtol=0, atol=1e-3 * (np.abs(eparams).max() + 1))
 
 
+def random_network(rng, n, depth, width, loss, mse_output, dtype):
+    """A random 3-input, 2-output network and batch for the whole-step kernels:
+    (sizes, activations, output, n_params, work size, X, X64, labels, targets,
+    targets64, params, params64), the float64 twins beside their `dtype` arrays."""
+    sizes = (3,) + (width,) * depth + (2,)
+    acts = tuple(rng.choice(ACTIVATIONS, size=depth))
+    output = mse_output if loss == "mse" else "identity"
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    work = n * sum(sizes[1:])
+    X, X64 = draw(rng, (n, 3), dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets, targets64 = draw(rng, (n, 2), dtype, 0, 1) if labels is None else (None, None)
+    params, params64 = draw(rng, (n_params,), dtype)
+    return sizes, acts, output, n_params, work, X, X64, labels, targets, targets64, params, params64
+
+
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
 @given(n=st.integers(1, 12), depth=st.integers(0, 3), width=sizes, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
@@ -315,15 +331,8 @@ def test_mlp_sgd_step(impl, dtype, n, depth, width, seed, loss, momentum, dampen
     # mlp_gradients then sgd_update in float64
     nesterov = nesterov and momentum > 0 and dampening == 0
     rng = np.random.default_rng(seed)
-    sizes = (3,) + (width,) * depth + (2,)
-    acts = tuple(rng.choice(ACTIVATIONS, size=depth))
-    output = "sigmoid" if loss == "mse" else "identity"
-    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    work = n * sum(sizes[1:])
-    X, X64 = draw(rng, (n, 3), dtype)
-    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
-    targets, targets64 = draw(rng, (n, 2), dtype, 0, 1) if labels is None else (None, None)
-    params, params64 = draw(rng, (n_params,), dtype)
+    sizes, acts, output, n_params, work, X, X64, labels, targets, targets64, params, params64 = \
+        random_network(rng, n, depth, width, loss, "sigmoid", dtype)
     buf, buf64 = draw(rng, (n_params,), dtype)
     kwargs = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
                   weight_decay=weight_decay, maximize=maximize, first_step=first_step)
@@ -384,15 +393,8 @@ ADAM = st.fixed_dictionaries(dict(
        step=st.integers(1, 50))
 def test_mlp_adam_step(impl, dtype, n, depth, width, seed, loss, adam, step):
     rng = np.random.default_rng(seed)
-    sizes = (3,) + (width,) * depth + (2,)
-    acts = tuple(rng.choice(ACTIVATIONS, size=depth))
-    output = "tanh" if loss == "mse" else "identity"
-    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    work = n * sum(sizes[1:])
-    X, X64 = draw(rng, (n, 3), dtype)
-    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
-    targets, targets64 = draw(rng, (n, 2), dtype, 0, 1) if labels is None else (None, None)
-    params, params64 = draw(rng, (n_params,), dtype)
+    sizes, acts, output, n_params, work, X, X64, labels, targets, targets64, params, params64 = \
+        random_network(rng, n, depth, width, loss, "tanh", dtype)
     m, m64 = draw(rng, (n_params,), dtype)
     v, v64 = draw(rng, (n_params,), dtype, 0, 1)
     vmax, vmax64 = draw(rng, (n_params,), dtype, 0, 1)
