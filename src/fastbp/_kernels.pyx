@@ -1246,9 +1246,11 @@ cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
     the _NetArgs it fills in g (for `_net_spans`)."""
     g.n, g.x_cols, g.X = X.shape[0], X.shape[1], &X[0, 0]
     g.has_labels = labels is not None
+    g.labels, g.labels_len = NULL, 0
     if g.has_labels:
         g.labels, g.labels_len = &labels[0], labels.shape[0]
     g.has_targets = targets is not None
+    g.targets, g.t_rows, g.t_cols = NULL, 0, 0
     if g.has_targets:
         g.targets, g.t_rows, g.t_cols = &targets[0, 0], targets.shape[0], targets.shape[1]
     g.params, g.params_len = &params[0], params.shape[0]
@@ -1318,24 +1320,14 @@ def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
                                           output, A, D, grad, 0 if pbuf == NULL else buf.shape[0],
                                           pbuf, c_sizes, acts, &g)
-    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
-    cdef double value = 0
-    cdef int status = 0
-    cdef bint bad_label = False
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    with nogil:
-        if plabels != NULL:
-            bad_label = _first_bad_label(plabels, n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            status = _mlp_sgd_step_loop(&X[0, 0], plabels, ptargets, &params[0], &A[0], &D[0],
-                                        &grad[0], pbuf, n, n_layers, c_sizes, acts, loss_code,
-                                        <floating>lr, <floating>momentum,
-                                        <floating>(1 - dampening), nesterov,
-                                        <floating>weight_decay, maximize, first_step, &value)
-    if bad_label:
+    cdef _Optim o
+    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
+    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, pbuf
+    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &o,
+                       len(sizes) - 1, c_sizes, acts, loss_code)
+    if result is None:  # a label out of range
         raise ValueError
-    return value, status
+    return result
 
 
 cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
@@ -1424,7 +1416,7 @@ cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T
 
 cdef object _run_step(const _NetArgs* g, int t, const _Optim* o, Py_ssize_t n_layers,
                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
-    """One step with optimizer o on checked plain arrays (type number t): (loss,
+    """One step with optimizer o on the checked arrays g describes (type number t): (loss,
     status), or None when a label is out of range (the general path names it)."""
     cdef double value = 0
     cdef int status = 0
@@ -1840,7 +1832,6 @@ def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
     cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
                                           output, A, D, grad, 0, NULL, c_sizes, acts, &g)
-    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError
     cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
@@ -1850,22 +1841,15 @@ def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
     _adam_state_checks(params.shape[0], &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
                        exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
                        sizeof(floating), step, spans, span_bytes, n_spans)
-    cdef double value = 0
-    cdef int status = 0
-    cdef bint bad_label = False
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    with nogil:
-        if plabels != NULL:
-            bad_label = _first_bad_label(plabels, n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            status = _mlp_adam_step_loop(&X[0, 0], plabels, ptargets, &params[0], &A[0], &D[0],
-                                         &grad[0], &exp_avg[0], &exp_avg_sq[0], pvmax, n,
-                                         n_layers, c_sizes, acts, loss_code, step, lr, beta1,
-                                         beta2, eps, weight_decay, decoupled, maximize, &value)
-    if bad_label:
+    cdef _Optim o
+    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
+    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
+    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
+    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &o,
+                       len(sizes) - 1, c_sizes, acts, loss_code)
+    if result is None:  # a label out of range
         raise ValueError
-    return value, status
+    return result
 
 
 def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
