@@ -1820,6 +1820,25 @@ cdef object _adam_step_direct(object X, object labels, object targets, object pa
     return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
+cdef int _adam_optim(_Optim* o, Py_ssize_t n_params, floating[::1] exp_avg,
+                     floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, long step,
+                     double lr, double beta1, double beta2, double eps, double weight_decay,
+                     bint decoupled, bint amsgrad, bint maximize, const void** spans,
+                     const size_t* span_bytes, int n_spans) except -1:
+    """Check Adam's state against the call's other arrays (`_adam_state_checks`) and
+    fill o for it (bare ValueError on failure, as the other fast checks)."""
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError
+    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
+    _adam_state_checks(n_params, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
+                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
+                       sizeof(floating), step, spans, span_bytes, n_spans)
+    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
+    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
+    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
+    return 0
+
+
 def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
                    const floating[:, ::1] targets, floating[::1] params, tuple sizes,
                    tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
@@ -1832,19 +1851,12 @@ def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
     cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
                                           output, A, D, grad, 0, NULL, c_sizes, acts, &g)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError
-    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
     cdef const void* spans[7]
     cdef size_t span_bytes[7]
     cdef int n_spans = _net_spans(&g, spans, span_bytes)
-    _adam_state_checks(params.shape[0], &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
-                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
-                       sizeof(floating), step, spans, span_bytes, n_spans)
     cdef _Optim o
-    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
-    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
-    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
+    _adam_optim(&o, params.shape[0], exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
+                eps, weight_decay, decoupled, amsgrad, maximize, spans, span_bytes, n_spans)
     result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &o,
                        len(sizes) - 1, c_sizes, acts, loss_code)
     if result is None:  # a label out of range
@@ -1900,17 +1912,10 @@ def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
         X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
         grad, X_batch, labels_batch, targets_batch, no_buf, stop, 0, 0, False, c_sizes, acts,
         spans, span_bytes, &n_spans)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError
-    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
     # the state must not overlap any of the epoch's arrays (spans from the checks above)
-    _adam_state_checks(params.shape[0], &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
-                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
-                       sizeof(floating), step, spans, span_bytes, n_spans)
     cdef _Optim o
-    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
-    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
-    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
+    _adam_optim(&o, params.shape[0], exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
+                eps, weight_decay, decoupled, amsgrad, maximize, spans, span_bytes, n_spans)
     return _run_epoch(X, labels, targets, order, batch_size, params, A, D, grad, X_batch,
                       labels_batch, targets_batch, stop, &o, len(sizes) - 1, c_sizes, acts,
                       loss_code)
