@@ -474,7 +474,8 @@ class MLP:
         """`step` on a batch already validated and converted (but for what
         `_as_batch(lazy=True)` leaves out, when inputs_checked is False)."""
         o = optimizer
-        if self._compiled(o):
+        # step() passes inputs_checked=False only for an optimizer it found compiled
+        if not inputs_checked or self._compiled(o):
             # forward, backward and update in one compiled call
             self._workspace(X.shape[0])
             labels, targets = (y, None) if self.loss == "cross_entropy" else (None, y)
