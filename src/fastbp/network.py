@@ -266,6 +266,9 @@ class MLP:
         if X.shape[1] != self.n_features:
             raise ValueError(f"X has {X.shape[1]} features, but the network expects {self.n_features}")
         X = np.ascontiguousarray(X, dtype=self.dtype)
+        # a converted array is checked here even when check_finite is False: beside
+        # the conversion the check is cheap, and it spares the step a refused run
+        # (on the NumPy backend, one that warns about NaN)
         if not self._kernels.all_finite(X.reshape(-1)):
             raise ValueError("X contains NaN or infinity")
         return X
