@@ -27,8 +27,10 @@ extensions = [
         ["src/fastbp/_kernels.pyx"],
         define_macros=[("FASTBP_DEBUG", "1" if DEBUG else "0"),
                        ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        # NumPy's C API: the per-step path reads arrays without memoryview objects
-        include_dirs=[numpy.get_include()],
+        # NumPy's C API: the per-step path reads arrays without memoryview objects;
+        # _vecmath.h: the loops compiled once per instruction-set level
+        include_dirs=["src/fastbp", numpy.get_include()],
+        depends=["src/fastbp/_vecmath.h"],
         # No -ffast-math: it would let the compiler drop NaN/inf checks and
         # reassociate sums, and fastbp promises exact, checkable numerics.
         # -fno-trapping-math changes no result (we never enable FP traps); it
@@ -36,7 +38,10 @@ extensions = [
         # -fno-math-errno changes no result either (nothing reads errno): it lets
         # sqrt become one vector instruction instead of a libm call per element
         # (Adam's update: 4.5x faster).
-        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"],
+        # -ffp-contract=off: the AVX2 and AVX-512 clones of _vecmath.h's loops
+        # must not fuse a*b + c into an FMA, so that every clone rounds as the
+        # baseline does and results are the same bits on every x86-64 CPU.
+        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"],
     )
 ]
 

@@ -32,6 +32,8 @@ def test_same_signature(name):
 # Parity: hypothesis draws the shapes (batch 1 and width 1 included) and a seed.
 
 sizes = st.integers(1, 9)
+#: batch sizes that also cross the kernels' 64-row softmax chunks
+batches = st.one_of(sizes, st.integers(60, 200))
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -106,7 +108,7 @@ def test_dense_backward_matches_numpy_matmul():
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=sizes, k=sizes, seed=seeds, in_place=st.booleans(), spread=st.sampled_from([1.0, 30.0]))
+@given(n=batches, k=sizes, seed=seeds, in_place=st.booleans(), spread=st.sampled_from([1.0, 30.0]))
 def test_softmax(impl, dtype, n, k, seed, in_place, spread):
     rng = np.random.default_rng(seed)
     Z, Z64 = draw(rng, (n, k), dtype)
@@ -120,7 +122,7 @@ def test_softmax(impl, dtype, n, k, seed, in_place, spread):
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=sizes, k=sizes, seed=seeds, mode=st.sampled_from(["out", "in_place", "loss_only"]))
+@given(n=batches, k=sizes, seed=seeds, mode=st.sampled_from(["out", "in_place", "loss_only"]))
 def test_softmax_cross_entropy(impl, dtype, n, k, seed, mode):
     rng = np.random.default_rng(seed)
     Z, Z64 = draw(rng, (n, k), dtype)
@@ -703,6 +705,42 @@ def test_float32_tanh_is_accurate_to_a_few_ulp():
     result = _kernels.dense_forward(special, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
                                     "tanh", np.empty_like(special))
     assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, -1.0, 0.0]
+
+
+def test_float32_sigmoid_and_softmax_are_accurate_to_a_few_ulp():
+    # Both run on fastbp's own vectorised float32 exp (_vecmath.h), not libm's:
+    # hold them to 3 ulp against float64 over the whole range, overflow and
+    # underflow included (below the smallest normal float32, to 2 subnormal steps).
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(-120, 100, 300_000), rng.uniform(-2, 2, 100_000),
+                        np.geomspace(1e-30, 1, 1000), -np.geomspace(1e-30, 1, 1000),
+                        [-103.97, -87.34, -87.33, 0.0, 88.72, 88.73, 1e30, -1e30]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = 1 / (1 + np.exp(-x64)), 1 / (1 + np.exp(x64))
+
+    def check(actual, expected):
+        error = np.abs(actual.astype(np.float64) - expected)
+        normal = expected >= np.finfo(np.float32).tiny
+        assert np.max(error[normal] / expected[normal]) < 3 * 2.0**-23
+        assert np.max(error[~normal], initial=0) <= 2 * np.finfo(np.float32).smallest_subnormal
+
+    out = np.empty((x.size, 1), np.float32)
+    _kernels.dense_forward(x[:, None], np.ones((1, 1), np.float32), np.zeros(1, np.float32),
+                           "sigmoid", out)
+    check(out[:, 0], expected[0])
+    # softmax of rows [x, 0] is [sigmoid(x), sigmoid(-x)]
+    Z = np.stack([x, np.zeros_like(x)], axis=1)
+    P = _kernels.softmax(Z, np.empty_like(Z))
+    check(P[:, 0], expected[0])
+    check(P[:, 1], expected[1])
+    special = np.array([[np.nan], [np.inf], [-np.inf]], np.float32)
+    result = _kernels.dense_forward(special, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
+                                    "sigmoid", np.empty_like(special))
+    assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, 0.0]
+    rows = np.array([[-np.inf, 0.0], [np.nan, 0.0]], np.float32)
+    P = _kernels.softmax(rows, np.empty_like(rows))
+    assert P[0].tolist() == [0.0, 1.0] and np.isnan(P[1]).all()
 
 
 def test_type_stubs_match_the_kernels():

@@ -17,8 +17,8 @@ fused loops over row pointers.
 
 from cython cimport floating
 from libc.limits cimport INT_MAX
-from libc.math cimport copysignf, exp, expf, fabs, fabsf, log, log1p, log1pf, logf, sqrt, sqrtf, tanh
-from libc.stdint cimport int8_t, int64_t, uint32_t, uint64_t
+from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, sqrt, sqrtf, tanh
+from libc.stdint cimport int8_t, int64_t
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
@@ -50,6 +50,18 @@ cdef extern from *:
     #endif
     """
     int FASTBP_DEBUG
+
+# Loops that need AVX2/AVX-512 clones or a vectorisable float32 exp: _vecmath.h
+# says why they are in C.
+cdef extern from "_vecmath.h" nogil:
+    int FBP_HAS_CLONES
+    void fbp_exp_f32(float* x, Py_ssize_t n)
+    void fbp_sigmoid_f32(float* z, Py_ssize_t n)
+    void fbp_tanh_f32(float* z, Py_ssize_t n)
+    int fbp_max_exponent_f32(const float* x, Py_ssize_t n)
+    int fbp_max_exponent_f64(const double* x, Py_ssize_t n)
+    int fbp_all_finite_f32(const float* x, Py_ssize_t n)
+    int fbp_all_finite_f64(const double* x, Py_ssize_t n)
 
 cnp.import_array()
 
@@ -118,47 +130,11 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
     return r if z >= 0 else e * r
 
 
-# Taylor coefficients of tanh(a) = a + a^3 * P(a^2), for |a| < 0.55.
-cdef float[9] _TANH_SERIES = [-1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835, -1382.0 / 155925,
-                              21844.0 / 6081075, -929569.0 / 638512875,
-                              6404582.0 / 10854718875, -443861162.0 / 1856156927625]
-
-
-cdef inline float _tanh_float(float z) noexcept nogil:
-    """float32 tanh, three times faster than glibc's tanhf here (7 vs 21 ns).
-
-    Nine terms of the Taylor series below |z| = 0.55, where 1 - 2 / (exp(2|z|) + 1)
-    would cancel, that formula above (one expf), 1 beyond 9.1 (tanh rounds to 1 in
-    float32 there); NaN passes through. Largest relative error against double
-    tanh, over every float32 below 1e-3 and every 64th up to 20: 1.8e-7 (3 ulp).
-    """
-    # float-typed constants: Cython writes bare literals as C doubles
-    cdef float a = fabsf(z), a2, p, t
-    cdef float one = 1, two = 2, small = 0.55, large = 9.1
-    cdef int i
-    if a < small:
-        a2 = a * a
-        p = _TANH_SERIES[8]
-        for i in range(7, -1, -1):
-            p = _TANH_SERIES[i] + a2 * p
-        t = a + a * a2 * p
-    elif a <= large:
-        t = one - two / (expf(two * a) + one)
-    elif a > large:
-        t = one
-    else:
-        return z  # NaN
-    return copysignf(t, z)
-
-
 cdef inline floating _activate(floating z, int act) noexcept nogil:
     if act == SIGMOID:
         return _sigmoid(z)
     if act == TANH:
-        if floating is float:
-            return _tanh_float(z)
-        else:
-            return tanh(z)
+        return tanh(z)  # float32 goes through fbp_tanh_f32 instead (_bias_activation)
     if act == RELU:
         return 0 if z < 0 else z  # NaN passes through, as in PyTorch
     if act == LEAKY_RELU:
@@ -252,10 +228,19 @@ cdef void _bias_activation(floating* Z, const floating* b, Py_ssize_t n, Py_ssiz
         _bias_activation_rows(Z, b, n, m, RELU)
     elif act == LEAKY_RELU:
         _bias_activation_rows(Z, b, n, m, LEAKY_RELU)
-    elif act == SIGMOID:
-        _bias_activation_rows(Z, b, n, m, SIGMOID)
-    elif act == TANH:
-        _bias_activation_rows(Z, b, n, m, TANH)
+    elif act == SIGMOID or act == TANH:
+        if floating is float:
+            # glibc's expf is a call per element (sigmoid and tanh cost 24-33 ns
+            # per element that way); _vecmath.h's loops run 8-16 lanes wide.
+            _bias_activation_rows(Z, b, n, m, IDENTITY)
+            if act == SIGMOID:
+                fbp_sigmoid_f32(Z, n * m)
+            else:
+                fbp_tanh_f32(Z, n * m)
+        elif act == SIGMOID:
+            _bias_activation_rows(Z, b, n, m, SIGMOID)
+        else:
+            _bias_activation_rows(Z, b, n, m, TANH)
     else:
         _bias_activation_rows(Z, b, n, m, IDENTITY)
 
@@ -455,6 +440,50 @@ cdef floating _softmax_row(const floating* z, floating* out, Py_ssize_t k) noexc
     return _log(s) + m
 
 
+cdef enum:
+    # rows per pass of _cross_entropy_loop (its per-row values live on the stack)
+    SOFTMAX_CHUNK = 64
+
+
+cdef void _softmax_rows(const floating* Z, floating* out, Py_ssize_t n, Py_ssize_t k,
+                        floating* lse) noexcept nogil:
+    """Row-wise softmax of Z (n, k) into out (which may be Z); when lse is not NULL,
+    lse[i] = log(sum(exp(Z[i]))) (n values)."""
+    cdef Py_ssize_t i, j
+    cdef floating m, s
+    cdef const floating* z
+    cdef floating* o
+    if floating is double:
+        for i in range(n):
+            s = _softmax_row(Z + i * k, out + i * k, k)
+            if lse != NULL:
+                lse[i] = s
+        return
+    # float32: every row shifted by its max, then one vectorised exp over the
+    # whole block (glibc's expf is a call per element), then the row sums in
+    # the order _softmax_row takes them
+    for i in range(n):
+        z, o = Z + i * k, out + i * k
+        m = z[0]
+        for j in range(1, k):
+            if z[j] > m:
+                m = z[j]
+        for j in range(k):
+            o[j] = z[j] - m
+        if lse != NULL:
+            lse[i] = m
+    fbp_exp_f32(out, n * k)
+    for i in range(n):
+        o = out + i * k
+        s = 0
+        for j in range(k):
+            s += o[j]
+        for j in range(k):
+            o[j] = o[j] / s
+        if lse != NULL:
+            lse[i] = logf(s) + lse[i]
+
+
 def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):
     cdef Py_ssize_t n = Z.shape[0], k = Z.shape[1], i
     if k == 0:
@@ -467,8 +496,7 @@ def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):
     if _overlap(&out[0, 0], nbytes, &Z[0, 0], nbytes, True):
         raise overlap_error("out", "Z")
     with nogil:
-        for i in range(n):
-            _softmax_row(&Z[i, 0], &out[i, 0], k)
+        _softmax_rows(&Z[0, 0], &out[0, 0], n, k, NULL)
 
 
 def softmax(Z, out):
@@ -494,21 +522,29 @@ cdef Py_ssize_t _first_bad_label(const int64_t* y, Py_ssize_t n, int64_t k) noex
 
 cdef double _cross_entropy_loop(const floating* Z, const int64_t* y, floating* dZ,
                                 Py_ssize_t n, Py_ssize_t k) noexcept nogil:
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j, start, rows
     cdef double total = 0
-    cdef floating zy, lse
+    cdef floating zy[SOFTMAX_CHUNK]
+    cdef floating lse[SOFTMAX_CHUNK]
     cdef floating inv_n = 1 / <floating>n
-    cdef floating* dzr = NULL
-    for i in range(n):
-        zy = Z[i * k + y[i]]  # read before dZ (which may be Z) is written
-        if dZ != NULL:
-            dzr = dZ + i * k
-        lse = _softmax_row(Z + i * k, dzr, k)
-        total += <double>(lse - zy)
-        if dZ != NULL:
-            dzr[y[i]] -= 1
+    cdef floating* dzr
+    if dZ == NULL:
+        for i in range(n):
+            total += <double>(_softmax_row(Z + i * k, NULL, k) - Z[i * k + y[i]])
+        return total / n
+    start = 0
+    while start < n:
+        rows = min(<Py_ssize_t>SOFTMAX_CHUNK, n - start)
+        for i in range(rows):
+            zy[i] = Z[(start + i) * k + y[start + i]]  # read before dZ (which may be Z) is written
+        _softmax_rows(Z + start * k, dZ + start * k, rows, k, lse)
+        for i in range(rows):
+            total += <double>(lse[i] - zy[i])
+            dzr = dZ + (start + i) * k
+            dzr[y[start + i]] -= 1
             for j in range(k):
                 dzr[j] *= inv_n
+        start += rows
     return total / n
 
 
@@ -861,27 +897,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta
 # ---------------------------------------------------------------------------
 # all_finite
 
-cdef bint _all_finite_loop(const floating* x, Py_ssize_t size) noexcept nogil:
-    # A float is NaN or infinite exactly when its exponent bits are all ones.
-    # With e the exponent field, e + 1 carries into the bit above the field
-    # exactly then; OR-ing e + 1 over all elements is branch-free, and uses only
-    # shifts, ands, adds and ors that every SIMD level has (a float sum would
-    # not vectorise without -ffast-math).
-    cdef Py_ssize_t i
-    cdef const uint32_t* u32
-    cdef const uint64_t* u64
-    cdef uint32_t acc32 = 0
-    cdef uint64_t acc64 = 0
+cdef inline bint _all_finite_loop(const floating* x, Py_ssize_t size) noexcept nogil:
     if floating is float:
-        u32 = <const uint32_t*>x
-        for i in range(size):
-            acc32 |= ((u32[i] >> 23) & 0xffu) + 1
-        return (acc32 & 0x100u) == 0
+        return fbp_all_finite_f32(x, size)
     else:
-        u64 = <const uint64_t*>x
-        for i in range(size):
-            acc64 |= ((u64[i] >> 52) & 0x7ffu) + 1
-        return (acc64 & 0x800u) == 0
+        return fbp_all_finite_f64(x, size)
 
 
 def _all_finite(const floating[::1] x):
@@ -1009,26 +1029,12 @@ cdef void _mlp_forward_backward(const floating* X, const int64_t* labels, const 
             _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
 
 
-cdef int _max_exponent(const floating* x, Py_ssize_t size) noexcept nogil:
-    """The largest exponent field over x (all ones: some element is NaN or infinite).
-    Integer max reductions vectorise without -ffast-math, as in _all_finite_loop."""
-    cdef Py_ssize_t i
-    cdef const uint32_t* u32
-    cdef const uint64_t* u64
-    cdef uint32_t e32 = 0, f32
-    cdef uint64_t e64 = 0, f64
+cdef inline int _max_exponent(const floating* x, Py_ssize_t size) noexcept nogil:
+    """The largest exponent field over x (all ones: some element is NaN or infinite)."""
     if floating is float:
-        u32 = <const uint32_t*>x
-        for i in range(size):
-            f32 = (u32[i] >> 23) & 0xffu
-            e32 = f32 if f32 > e32 else e32
-        return <int>e32
+        return fbp_max_exponent_f32(x, size)
     else:
-        u64 = <const uint64_t*>x
-        for i in range(size):
-            f64 = (u64[i] >> 52) & 0x7ffu
-            e64 = f64 if f64 > e64 else e64
-        return <int>e64
+        return fbp_max_exponent_f64(x, size)
 
 
 cdef inline int _ceil_log2(Py_ssize_t n) noexcept nogil:

@@ -1,0 +1,158 @@
+/* Elementwise loops of fastbp's kernels that need what the portable x86-64
+ * baseline (SSE2) lacks: a vectorisable float32 exp, and wide integer and
+ * float vectors.
+ *
+ * Why C and not Cython: GCC's target_clones attribute compiles a function
+ * once per instruction-set level (AVX-512, AVX2, baseline) and picks the
+ * clone once, when the module loads, from what the CPU has. Cython has no way
+ * to put an attribute on the functions it writes, so the loops that gain
+ * from 8 or 16 lanes live here, each behind one plain C call from
+ * _kernels.pyx.
+ *
+ * Exactness: the module is built with -ffp-contract=off, so no clone fuses a
+ * multiply and an add into an FMA: every clone rounds every operation as the
+ * baseline does, and results are the same bits on every x86-64 machine.
+ * fbp_expf is fastbp's own (not libm's): at most 1.2 ulp from exp over every
+ * float32 (tested), exp(-inf) = 0, exp(inf) = inf, NaN passes through.
+ */
+#ifndef FASTBP_VECMATH_H
+#define FASTBP_VECMATH_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ifunc resolvers (what target_clones builds on) need GCC and glibc. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__GLIBC__) && !defined(FASTBP_NO_CLONES)
+#define FBP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FBP_HAS_CLONES 1
+#else
+#define FBP_CLONES
+#define FBP_HAS_CLONES 0
+#endif
+
+static inline uint32_t fbp_bits_f32(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float fbp_f32_bits(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static inline uint64_t fbp_bits_f64(double x) { uint64_t u; memcpy(&u, &x, 8); return u; }
+
+/* exp(x) in float32, branch-free so that loops over it vectorise.
+ * x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: k ln2_hi is exact), e^r by its
+ * Taylor polynomial of degree 7 (truncation below 0.1 ulp), times 2^k built
+ * from bits in two factors so that results in the subnormal range round once
+ * and results past FLT_MAX become inf. Clamping x to [-104, 89] first keeps k
+ * small (exp(-104) rounds to 0, exp(89) overflows) and lets NaN through: a
+ * comparison with NaN is false. */
+static inline float fbp_expf(float x)
+{
+    const float shift = 0x1.8p23f; /* adding it rounds to an integer */
+    x = x > 89.0f ? 89.0f : x;
+    x = x < -104.0f ? -104.0f : x;
+    float t = x * 0x1.715476p+0f + shift;
+    float k = t - shift;
+    int32_t ki = (int32_t)(fbp_bits_f32(t) - fbp_bits_f32(shift));
+    float r = x - k * 0x1.62e400p-1f;
+    r = r - k * 0x1.7f7d1cp-20f;
+    float p = (float)(1.0 / 5040);
+    p = (float)(1.0 / 720) + r * p;
+    p = (float)(1.0 / 120) + r * p;
+    p = (float)(1.0 / 24) + r * p;
+    p = (float)(1.0 / 6) + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r * p;
+    p = 1.0f + r * p;
+    int32_t k1 = ki >> 1, k2 = ki - k1;
+    float s1 = fbp_f32_bits((uint32_t)(k1 + 127) << 23);
+    float s2 = fbp_f32_bits((uint32_t)(k2 + 127) << 23);
+    return p * s1 * s2;
+}
+
+/* x[i] = exp(x[i]), in place. */
+FBP_CLONES static void fbp_exp_f32(float *x, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        x[i] = fbp_expf(x[i]);
+}
+
+/* z[i] = sigmoid(z[i]) in place: 1 / (1 + e) for z >= 0, e / (1 + e) below,
+ * with e = exp(-|z|), which never overflows. */
+FBP_CLONES static void fbp_sigmoid_f32(float *z, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float v = z[i];
+        float e = fbp_expf(v >= 0 ? -v : v);
+        float r = 1.0f / (1.0f + e);
+        z[i] = v >= 0 ? r : e * r;
+    }
+}
+
+/* z[i] = tanh(z[i]) in place. The Taylor series of tanh below |z| = 0.55, where
+ * 1 - 2 / (exp(2|z|) + 1) would cancel, that formula above (it reaches exactly
+ * 1 where tanh rounds to 1, and exp's overflow to inf gives 1 too); NaN passes
+ * through. At most 3 ulp from the double tanh (tested). */
+FBP_CLONES static void fbp_tanh_f32(float *z, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float v = z[i], a = fabsf(v), a2 = a * a;
+        float p = (float)(-443861162.0 / 1856156927625.0);
+        p = (float)(6404582.0 / 10854718875.0) + a2 * p;
+        p = (float)(-929569.0 / 638512875.0) + a2 * p;
+        p = (float)(21844.0 / 6081075.0) + a2 * p;
+        p = (float)(-1382.0 / 155925.0) + a2 * p;
+        p = (float)(62.0 / 2835.0) + a2 * p;
+        p = (float)(-17.0 / 315.0) + a2 * p;
+        p = (float)(2.0 / 15.0) + a2 * p;
+        p = (float)(-1.0 / 3.0) + a2 * p;
+        float series = a + a * a2 * p;
+        float formula = 1.0f - 2.0f / (fbp_expf(2.0f * a) + 1.0f);
+        z[i] = copysignf(a < 0.55f ? series : formula, v);
+    }
+}
+
+/* The largest exponent field over x (all ones: some element is NaN or
+ * infinite). Integer max reductions vectorise without -ffast-math. */
+FBP_CLONES static int fbp_max_exponent_f32(const float *x, ptrdiff_t n)
+{
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t e = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint32_t f = (u[i] >> 23) & 0xffu;
+        e = f > e ? f : e;
+    }
+    return (int)e;
+}
+
+FBP_CLONES static int fbp_max_exponent_f64(const double *x, ptrdiff_t n)
+{
+    const uint64_t *u = (const uint64_t *)x;
+    uint64_t e = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint64_t f = (u[i] >> 52) & 0x7ffu;
+        e = f > e ? f : e;
+    }
+    return (int)e;
+}
+
+/* Whether no element is NaN or infinite. A float is exactly when its exponent
+ * bits are all ones; then e + 1 carries into the bit above the field, so OR-ing
+ * e + 1 over all elements is branch-free and vectorises at every level. */
+FBP_CLONES static int fbp_all_finite_f32(const float *x, ptrdiff_t n)
+{
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t acc = 0;
+    for (ptrdiff_t i = 0; i < n; i++)
+        acc |= ((u[i] >> 23) & 0xffu) + 1;
+    return (acc & 0x100u) == 0;
+}
+
+FBP_CLONES static int fbp_all_finite_f64(const double *x, ptrdiff_t n)
+{
+    const uint64_t *u = (const uint64_t *)x;
+    uint64_t acc = 0;
+    for (ptrdiff_t i = 0; i < n; i++)
+        acc |= ((u[i] >> 52) & 0x7ffu) + 1;
+    return (acc & 0x800u) == 0;
+}
+
+#endif
