@@ -306,6 +306,33 @@ def test_bad_step_changes_nothing(case, backend, optimizer):
     assert opt.step_count == 1
 
 
+@pytest.mark.parametrize("case", sorted(_bad_steps()))
+def test_bad_first_step_changes_nothing(case):
+    # no workspace yet: the arrays-straight-to-the-kernel path must not trip on that
+    X, y, exc_type, message = _bad_steps()[case]
+    net = fastbp.MLP([5, 3, 4], seed=0, dtype="float32")
+    opt = fastbp.SGD(net.params, lr=0.1)
+    before = net.params.tobytes()
+    with pytest.raises(exc_type, match=message):
+        net.step(X, y, opt)
+    assert net.params.tobytes() == before and opt.step_count == 0
+
+
+def test_step_converts_what_the_kernel_refuses():
+    # float64 X, int32 labels, a Fortran-ordered X and lists take a float32
+    # network's step through conversion, to the same result as its own layout
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 6)
+    nets = [fastbp.MLP([5, 3, 4], seed=0, dtype="float32") for _ in range(5)]
+    batches = [(X, y), (X.astype(np.float64), y), (X, y.astype(np.int32)),
+               (np.asfortranarray(X), y), (X.tolist(), y.tolist())]
+    losses = [net.step(Xb, yb, fastbp.SGD(net.params, lr=0.1)) for net, (Xb, yb) in zip(nets, batches)]
+    assert losses == [losses[0]] * 5
+    for net in nets[1:]:
+        np.testing.assert_array_equal(net.params, nets[0].params)
+
+
 @pytest.mark.parametrize("loss, y, message", [
     ("mse", np.full((2, 3), np.nan), "NaN"),
     ("mse", np.ones((2, 2)), r"shape \(n_samples, 3\)"),
