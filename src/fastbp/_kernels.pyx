@@ -20,7 +20,7 @@ from libc.limits cimport INT_MAX
 from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, sqrt, sqrtf, tanh
 from libc.stdint cimport int8_t, int64_t
 from cpython.exc cimport PyErr_CheckSignals
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 cimport numpy as cnp
 
@@ -62,6 +62,24 @@ cdef extern from "_vecmath.h" nogil:
     int fbp_max_exponent_f64(const double* x, Py_ssize_t n)
     int fbp_all_finite_f32(const float* x, Py_ssize_t n)
     int fbp_all_finite_f64(const double* x, Py_ssize_t n)
+    void fbp_bias_act_f32(float* Z, const float* b, Py_ssize_t n, Py_ssize_t m, int act,
+                          float slope)
+    void fbp_bias_act_f64(double* Z, const double* b, Py_ssize_t n, Py_ssize_t m, int act,
+                          double slope)
+    float fbp_derivative_f32(float a, int act, float slope)
+    double fbp_derivative_f64(double a, int act, double slope)
+    void fbp_act_backward_f32(const float* A, const float* dA, float* out, Py_ssize_t size,
+                              int act, float slope)
+    void fbp_act_backward_f64(const double* A, const double* dA, double* out, Py_ssize_t size,
+                              int act, double slope)
+    void fbp_column_sums_f32(const float* M, float* out, Py_ssize_t n, Py_ssize_t m)
+    void fbp_column_sums_f64(const double* M, double* out, Py_ssize_t n, Py_ssize_t m)
+    void fbp_sgd_f32(float* param, const float* grad, float* buf, Py_ssize_t size, float lr,
+                     float momentum, float dampening_complement, int nesterov,
+                     float weight_decay, int maximize, int first_step)
+    void fbp_sgd_f64(double* param, const double* grad, double* buf, Py_ssize_t size,
+                     double lr, double momentum, double dampening_complement, int nesterov,
+                     double weight_decay, int maximize, int first_step)
 
 cnp.import_array()
 
@@ -86,13 +104,14 @@ __all__ = [
     "mlp_adam_epoch",
 ]
 
-# Activation codes, in the order of fastbp._checks.ACTIVATIONS.
-cdef enum:
-    IDENTITY = 0
-    SIGMOID = 1
-    TANH = 2
-    RELU = 3
-    LEAKY_RELU = 4
+# Activation codes, in the order of fastbp._checks.ACTIVATIONS (one list, in _vecmath.h).
+cdef extern from "_vecmath.h":
+    enum:
+        IDENTITY "FBP_IDENTITY"
+        SIGMOID "FBP_SIGMOID"
+        TANH "FBP_TANH"
+        RELU "FBP_RELU"
+        LEAKY_RELU "FBP_LEAKY_RELU"
 
 
 # A C copy of the Python constant, readable without the GIL.
@@ -130,31 +149,12 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
     return r if z >= 0 else e * r
 
 
-cdef inline floating _activate(floating z, int act) noexcept nogil:
-    if act == SIGMOID:
-        return _sigmoid(z)
-    if act == TANH:
-        return tanh(z)  # float32 goes through fbp_tanh_f32 instead (_bias_activation)
-    if act == RELU:
-        return 0 if z < 0 else z  # NaN passes through, as in PyTorch
-    if act == LEAKY_RELU:
-        return z if z > 0 else z * <floating>_LEAKY_SLOPE
-    return z
-
-
 cdef inline floating _derivative_from_output(floating a, int act) noexcept nogil:
-    # A typed one: Cython writes a bare literal 1 as the C double 1.0, which
-    # would promote float32 arithmetic to double and stop vectorisation.
-    cdef floating one = 1
-    if act == SIGMOID:
-        return a * (one - a)
-    if act == TANH:
-        return one - a * a
-    if act == RELU:
-        return <floating>(a > 0)
-    if act == LEAKY_RELU:
-        return one if a > 0 else <floating>_LEAKY_SLOPE
-    return one
+    """act'(z) from a = act(z) (the one definition is in _vecmath.h)."""
+    if floating is float:
+        return fbp_derivative_f32(a, act, <float>_LEAKY_SLOPE)
+    else:
+        return fbp_derivative_f64(a, act, _LEAKY_SLOPE)
 
 
 # ---------------------------------------------------------------------------
@@ -209,40 +209,35 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
 # ---------------------------------------------------------------------------
 # dense_forward
 
-cdef inline void _bias_activation_rows(floating* Z, const floating* b, Py_ssize_t n,
-                                      Py_ssize_t m, int act) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef floating* zr
-    for i in range(n):
-        zr = Z + i * m
-        for j in range(m):
-            zr[j] = _activate(zr[j] + b[j], act)
+cdef inline void _bias_act(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
+                           int act) noexcept nogil:
+    # identity, relu, leaky relu (_vecmath.h)
+    if floating is float:
+        fbp_bias_act_f32(Z, b, n, m, act, <float>_LEAKY_SLOPE)
+    else:
+        fbp_bias_act_f64(Z, b, n, m, act, _LEAKY_SLOPE)
 
 
 cdef void _bias_activation(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
                            int act) noexcept nogil:
-    # Each call passes a constant activation, so the compiler inlines one
-    # specialised loop per activation, free of branches (a branch on the sign
-    # of random data mispredicts half the time) and vectorisable.
-    if act == RELU:
-        _bias_activation_rows(Z, b, n, m, RELU)
-    elif act == LEAKY_RELU:
-        _bias_activation_rows(Z, b, n, m, LEAKY_RELU)
-    elif act == SIGMOID or act == TANH:
-        if floating is float:
-            # glibc's expf is a call per element (sigmoid and tanh cost 24-33 ns
-            # per element that way); _vecmath.h's loops run 8-16 lanes wide.
-            _bias_activation_rows(Z, b, n, m, IDENTITY)
-            if act == SIGMOID:
-                fbp_sigmoid_f32(Z, n * m)
-            else:
-                fbp_tanh_f32(Z, n * m)
-        elif act == SIGMOID:
-            _bias_activation_rows(Z, b, n, m, SIGMOID)
+    """Z[i, j] = act(Z[i, j] + b[j]) for Z (n, m), b (m,)."""
+    cdef Py_ssize_t i, j
+    cdef floating* zr
+    if act != SIGMOID and act != TANH:
+        _bias_act(Z, b, n, m, act)
+    elif floating is float:
+        # glibc's expf is a call per element (sigmoid and tanh cost 24-33 ns
+        # per element that way); _vecmath.h's loops run 8-16 lanes wide.
+        _bias_act(Z, b, n, m, IDENTITY)
+        if act == SIGMOID:
+            fbp_sigmoid_f32(Z, n * m)
         else:
-            _bias_activation_rows(Z, b, n, m, TANH)
+            fbp_tanh_f32(Z, n * m)
     else:
-        _bias_activation_rows(Z, b, n, m, IDENTITY)
+        for i in range(n):
+            zr = Z + i * m
+            for j in range(m):
+                zr[j] = _sigmoid(zr[j] + b[j]) if act == SIGMOID else tanh(zr[j] + b[j])
 
 
 def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
@@ -290,26 +285,12 @@ def dense_forward(X, W, b, activation, out):
 # ---------------------------------------------------------------------------
 # activation_backward
 
-cdef inline void _activation_backward_span(const floating* A, const floating* dA, floating* out,
+cdef inline void _activation_backward_loop(const floating* A, const floating* dA, floating* out,
                                            Py_ssize_t size, int act) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(size):
-        out[i] = dA[i] * _derivative_from_output(A[i], act)
-
-
-cdef void _activation_backward_loop(const floating* A, const floating* dA, floating* out,
-                                    Py_ssize_t size, int act) noexcept nogil:
-    # Constant activations specialise the loop, as in _bias_activation.
-    if act == RELU:
-        _activation_backward_span(A, dA, out, size, RELU)
-    elif act == LEAKY_RELU:
-        _activation_backward_span(A, dA, out, size, LEAKY_RELU)
-    elif act == SIGMOID:
-        _activation_backward_span(A, dA, out, size, SIGMOID)
-    elif act == TANH:
-        _activation_backward_span(A, dA, out, size, TANH)
+    if floating is float:
+        fbp_act_backward_f32(A, dA, out, size, act, <float>_LEAKY_SLOPE)
     else:
-        _activation_backward_span(A, dA, out, size, IDENTITY)
+        fbp_act_backward_f64(A, dA, out, size, act, _LEAKY_SLOPE)
 
 
 def _activation_backward(const floating[:, ::1] A, const floating[:, ::1] dA, int act,
@@ -347,14 +328,12 @@ def activation_backward(A, dA, activation, out):
 # ---------------------------------------------------------------------------
 # dense_backward
 
-cdef void _column_sums(const floating* M, floating* out, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef const floating* row
-    memset(out, 0, m * sizeof(floating))
-    for i in range(n):
-        row = M + i * m
-        for j in range(m):
-            out[j] += row[j]
+cdef inline void _column_sums(const floating* M, floating* out, Py_ssize_t n,
+                              Py_ssize_t m) noexcept nogil:
+    if floating is float:
+        fbp_column_sums_f32(M, out, n, m)
+    else:
+        fbp_column_sums_f64(M, out, n, m)
 
 
 def _dense_backward(const floating[:, ::1] dZ, const floating[:, ::1] X,
@@ -685,56 +664,16 @@ def binary_cross_entropy_with_logits(Z, Y, dZ=None):
 # ---------------------------------------------------------------------------
 # sgd_update
 
-cdef inline void _sgd_span(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
+cdef inline void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
                            floating lr, floating momentum, floating dampening_complement,
                            bint nesterov, floating weight_decay, bint maximize,
                            bint first_step) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating g
-    for i in range(size):
-        g = -grad[i] if maximize else grad[i]
-        if weight_decay != 0:
-            g = g + weight_decay * param[i]
-        if buf != NULL:
-            if first_step:
-                buf[i] = g
-            else:
-                buf[i] = buf[i] * momentum + dampening_complement * g
-            g = g + momentum * buf[i] if nesterov else buf[i]
-        param[i] = param[i] - lr * g
-
-
-cdef inline void _sgd_momentum_kinds(floating* param, const floating* grad, floating* buf,
-                                     Py_ssize_t size, floating lr, floating momentum,
-                                     floating dampening_complement, bint nesterov,
-                                     floating weight_decay) noexcept nogil:
-    # Constant flags (no momentum / momentum / nesterov) for the inlined loop.
-    if buf == NULL:
-        _sgd_span(param, grad, NULL, size, lr, 0, 0, False, weight_decay, False, False)
-    elif nesterov:
-        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, True,
-                  weight_decay, False, False)
+    if floating is float:
+        fbp_sgd_f32(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
+                    weight_decay, maximize, first_step)
     else:
-        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, False,
-                  weight_decay, False, False)
-
-
-cdef void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
-                    floating lr, floating momentum, floating dampening_complement,
-                    bint nesterov, floating weight_decay, bint maximize,
-                    bint first_step) noexcept nogil:
-    # The steady state (not the first step, not maximizing) runs loops
-    # specialised by constant flags, as in _bias_activation (up to 8x faster
-    # than the general loop); the rest runs the general loop.
-    if maximize or first_step:
-        _sgd_span(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
-                  weight_decay, maximize, first_step)
-    elif weight_decay == 0:
-        _sgd_momentum_kinds(param, grad, buf, size, lr, momentum, dampening_complement,
-                            nesterov, 0)
-    else:
-        _sgd_momentum_kinds(param, grad, buf, size, lr, momentum, dampening_complement,
-                            nesterov, weight_decay)
+        fbp_sgd_f64(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
+                    weight_decay, maximize, first_step)
 
 
 def _sgd_update(floating[::1] param, const floating[::1] grad,
