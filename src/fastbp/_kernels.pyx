@@ -17,7 +17,7 @@ fused loops over row pointers.
 
 from cython cimport floating
 from libc.limits cimport INT_MAX
-from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, sqrt, sqrtf, tanh
+from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, tanh
 from libc.stdint cimport int8_t, int64_t
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
@@ -80,6 +80,14 @@ cdef extern from "_vecmath.h" nogil:
     void fbp_sgd_f64(double* param, const double* grad, double* buf, Py_ssize_t size,
                      double lr, double momentum, double dampening_complement, int nesterov,
                      double weight_decay, int maximize, int first_step)
+    void fbp_adam_f32(float* param, const float* grad, float* m, float* v, float* vmax,
+                      Py_ssize_t size, float neg_step_size, float beta1_weight, float beta2,
+                      float beta2_complement, float bc2_sqrt, float eps, float l2,
+                      int scale_param, float param_scale, int maximize)
+    void fbp_adam_f64(double* param, const double* grad, double* m, double* v, double* vmax,
+                      Py_ssize_t size, double neg_step_size, double beta1_weight, double beta2,
+                      double beta2_complement, double bc2_sqrt, double eps, double l2,
+                      int scale_param, double param_scale, int maximize)
 
 cnp.import_array()
 
@@ -724,78 +732,18 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
 # ---------------------------------------------------------------------------
 # adam_update
 
-cdef inline void _adam_span(floating* param, const floating* grad, floating* m, floating* v,
+cdef inline void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
                             floating* vmax, Py_ssize_t size, floating neg_step_size,
                             floating beta1_weight, floating beta2, floating beta2_complement,
                             floating bc2_sqrt, floating eps, floating l2, bint scale_param,
-                            floating param_scale, bint maximize, bint low_weight,
-                            bint amsgrad) noexcept nogil:
-    """The torch.optim.Adam update per element. The flags are constants at each
-    call site below, so every combination compiles to its own branch-free loop."""
-    cdef Py_ssize_t i
-    cdef floating g, p, mi, vi, denom
-    cdef floating one = 1
-    for i in range(size):
-        g = -grad[i] if maximize else grad[i]
-        p = param[i]
-        if scale_param:  # decoupled weight decay (AdamW)
-            p = p * param_scale
-        if l2 != 0:  # weight decay added to the gradient (Adam)
-            g = g + l2 * p
-        # torch's lerp, in the form it uses for weights below and above 1/2
-        if low_weight:
-            mi = m[i] + beta1_weight * (g - m[i])
-        else:
-            mi = g - (g - m[i]) * (one - beta1_weight)
-        vi = v[i] * beta2 + beta2_complement * g * g
-        m[i] = mi
-        v[i] = vi
-        if amsgrad:
-            vi = vmax[i] if vmax[i] > vi else vi
-            vmax[i] = vi
-        if floating is float:
-            denom = sqrtf(vi) / bc2_sqrt + eps
-        else:
-            denom = sqrt(vi) / bc2_sqrt + eps
-        param[i] = p + neg_step_size * (mi / denom)
-
-
-cdef void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
-                     floating* vmax, Py_ssize_t size, floating neg_step_size,
-                     floating beta1_weight, floating beta2, floating beta2_complement,
-                     floating bc2_sqrt, floating eps, floating l2, bint scale_param,
-                     floating param_scale, bint maximize) noexcept nogil:
-    """The torch.optim.Adam update; vmax is NULL without amsgrad. The usual cases
-    (beta1 > 1/2, not maximizing) run loops specialised by constant flags, as
-    _sgd_loop does: 4-5x faster than one general loop; the rest the general one."""
-    cdef bint low = beta1_weight < 0.5
-    if low and not maximize:
-        if scale_param:  # AdamW
-            if vmax == NULL:
-                _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
-                           beta2_complement, bc2_sqrt, eps, 0, True, param_scale, False, True,
-                           False)
-            else:
-                _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
-                           beta2_complement, bc2_sqrt, eps, 0, True, param_scale, False, True,
-                           True)
-        elif l2 == 0:
-            if vmax == NULL:
-                _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
-                           beta2_complement, bc2_sqrt, eps, 0, False, 1, False, True, False)
-            else:
-                _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
-                           beta2_complement, bc2_sqrt, eps, 0, False, 1, False, True, True)
-        elif vmax == NULL:
-            _adam_span(param, grad, m, v, NULL, size, neg_step_size, beta1_weight, beta2,
-                       beta2_complement, bc2_sqrt, eps, l2, False, 1, False, True, False)
-        else:
-            _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
-                       beta2_complement, bc2_sqrt, eps, l2, False, 1, False, True, True)
+                            floating param_scale, bint maximize) noexcept nogil:
+    """The torch.optim.Adam update (_vecmath.h); vmax is NULL without amsgrad."""
+    if floating is float:
+        fbp_adam_f32(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                     beta2_complement, bc2_sqrt, eps, l2, scale_param, param_scale, maximize)
     else:
-        _adam_span(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
-                   beta2_complement, bc2_sqrt, eps, l2, scale_param, param_scale, maximize, low,
-                   vmax != NULL)
+        fbp_adam_f64(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
+                     beta2_complement, bc2_sqrt, eps, l2, scale_param, param_scale, maximize)
 
 
 def _adam_update(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,

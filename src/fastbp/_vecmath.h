@@ -167,7 +167,7 @@ enum { FBP_IDENTITY = 0, FBP_SIGMOID = 1, FBP_TANH = 2, FBP_RELU = 3, FBP_LEAKY_
  * exactly that of the reference, in its order. sigmoid and tanh are not here:
  * float32 has the loops above, float64 calls libm per element in
  * _kernels.pyx. */
-#define FBP_DEFINE_LOOPS(T, S)                                                           \
+#define FBP_DEFINE_LOOPS(T, S, SQRT)                                                     \
 static inline T fbp_activate_##S(T z, int act, T slope)                                 \
 {                                                                                        \
     if (act == FBP_RELU)                                                                 \
@@ -297,9 +297,76 @@ FBP_CLONES static void fbp_sgd_##S(T *param, const T *grad, T *buf, ptrdiff_t si
     else                                                                                 \
         fbp_sgd_kinds_##S(param, grad, buf, size, lr, momentum, dampening_complement,    \
                           nesterov, weight_decay);                                       \
+}                                                                                        \
+                                                                                         \
+/* The torch.optim.Adam update per element; the flags are constants at each  */        \
+/* call below, so every combination compiles to its own branch-free loop.     */        \
+static inline void fbp_adam_span_##S(T *param, const T *grad, T *m, T *v, T *vmax,      \
+                                     ptrdiff_t size, T neg_step_size, T beta1_weight,    \
+                                     T beta2, T beta2_complement, T bc2_sqrt, T eps,     \
+                                     T l2, int scale_param, T param_scale, int maximize, \
+                                     int low_weight, int amsgrad)                        \
+{                                                                                        \
+    for (ptrdiff_t i = 0; i < size; i++) {                                               \
+        T g = maximize ? -grad[i] : grad[i];                                             \
+        T p = param[i], mi, vi;                                                          \
+        if (scale_param) /* decoupled weight decay (AdamW) */                            \
+            p = p * param_scale;                                                         \
+        if (l2 != 0) /* weight decay added to the gradient (Adam) */                     \
+            g = g + l2 * p;                                                              \
+        /* torch's lerp, in the form it uses for weights below and above 1/2 */          \
+        if (low_weight)                                                                  \
+            mi = m[i] + beta1_weight * (g - m[i]);                                       \
+        else                                                                             \
+            mi = g - (g - m[i]) * ((T)1 - beta1_weight);                                 \
+        vi = v[i] * beta2 + beta2_complement * g * g;                                    \
+        m[i] = mi;                                                                       \
+        v[i] = vi;                                                                       \
+        if (amsgrad) {                                                                   \
+            vi = vmax[i] > vi ? vmax[i] : vi;                                            \
+            vmax[i] = vi;                                                                \
+        }                                                                                \
+        T denom = SQRT(vi) / bc2_sqrt + eps;                                             \
+        param[i] = p + neg_step_size * (mi / denom);                                     \
+    }                                                                                    \
+}                                                                                        \
+                                                                                         \
+/* The torch.optim.Adam update; vmax is NULL without amsgrad. The usual cases */        \
+/* (beta1 > 1/2, not maximizing) run loops specialised by constant flags (4-5x */       \
+/* faster than one general loop); the rest the general one.                    */       \
+FBP_CLONES static void fbp_adam_##S(T *param, const T *grad, T *m, T *v, T *vmax,       \
+                                    ptrdiff_t size, T neg_step_size, T beta1_weight,     \
+                                    T beta2, T beta2_complement, T bc2_sqrt, T eps,      \
+                                    T l2, int scale_param, T param_scale, int maximize)  \
+{                                                                                        \
+    int low = beta1_weight < (T)0.5;                                                     \
+    if (!(low && !maximize))                                                             \
+        fbp_adam_span_##S(param, grad, m, v, vmax, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, l2, scale_param,       \
+                          param_scale, maximize, low, vmax != NULL);                     \
+    else if (scale_param && vmax == NULL) /* AdamW */                                    \
+        fbp_adam_span_##S(param, grad, m, v, NULL, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, 0, 1, param_scale, 0,  \
+                          1, 0);                                                         \
+    else if (scale_param)                                                                \
+        fbp_adam_span_##S(param, grad, m, v, vmax, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, 0, 1, param_scale, 0,  \
+                          1, 1);                                                         \
+    else if (l2 == 0 && vmax == NULL)                                                    \
+        fbp_adam_span_##S(param, grad, m, v, NULL, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, 0, 0, 1, 0, 1, 0);     \
+    else if (l2 == 0)                                                                    \
+        fbp_adam_span_##S(param, grad, m, v, vmax, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, 0, 0, 1, 0, 1, 1);     \
+    else if (vmax == NULL)                                                               \
+        fbp_adam_span_##S(param, grad, m, v, NULL, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, l2, 0, 1, 0, 1, 0);    \
+    else                                                                                 \
+        fbp_adam_span_##S(param, grad, m, v, vmax, size, neg_step_size, beta1_weight,    \
+                          beta2, beta2_complement, bc2_sqrt, eps, l2, 0, 1, 0, 1, 1);    \
 }
 
-FBP_DEFINE_LOOPS(float, f32)
-FBP_DEFINE_LOOPS(double, f64)
+FBP_DEFINE_LOOPS(float, f32, sqrtf)
+FBP_DEFINE_LOOPS(double, f64, sqrt)
 
 #endif
