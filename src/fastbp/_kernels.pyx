@@ -445,30 +445,30 @@ cdef void _softmax_rows(const floating* Z, floating* out, Py_ssize_t n, Py_ssize
             s = _softmax_row(Z + i * k, out + i * k, k)
             if lse != NULL:
                 lse[i] = s
-        return
-    # float32: every row shifted by its max, then one vectorised exp over the
-    # whole block (glibc's expf is a call per element), then the row sums in
-    # the order _softmax_row takes them
-    for i in range(n):
-        z, o = Z + i * k, out + i * k
-        m = z[0]
-        for j in range(1, k):
-            if z[j] > m:
-                m = z[j]
-        for j in range(k):
-            o[j] = z[j] - m
-        if lse != NULL:
-            lse[i] = m
-    fbp_exp_f32(out, n * k)
-    for i in range(n):
-        o = out + i * k
-        s = 0
-        for j in range(k):
-            s += o[j]
-        for j in range(k):
-            o[j] = o[j] / s
-        if lse != NULL:
-            lse[i] = logf(s) + lse[i]
+    else:
+        # float32: every row shifted by its max, then one vectorised exp over the
+        # whole block (glibc's expf is a call per element), then the row sums in
+        # the order _softmax_row takes them
+        for i in range(n):
+            z, o = Z + i * k, out + i * k
+            m = z[0]
+            for j in range(1, k):
+                if z[j] > m:
+                    m = z[j]
+            for j in range(k):
+                o[j] = z[j] - m
+            if lse != NULL:
+                lse[i] = m
+        fbp_exp_f32(out, n * k)
+        for i in range(n):
+            o = out + i * k
+            s = 0
+            for j in range(k):
+                s += o[j]
+            for j in range(k):
+                o[j] = o[j] / s
+            if lse != NULL:
+                lse[i] = logf(s) + lse[i]
 
 
 def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):
@@ -1356,7 +1356,7 @@ cdef object _sgd_step_direct(object X, object labels, object targets, object par
     cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
     cdef _Optim o
     o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
-    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, g.buf
+    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, <void*>g.buf
     return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
