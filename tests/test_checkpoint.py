@@ -397,8 +397,11 @@ def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "ck.fbp"
     expected = {s: fastbp.MLP([50, 200, 10], seed=s).params.tobytes() for s in (0, 1)}
     rng = np.random.default_rng(0)
-    kills = 0
-    for _ in range(25):
+    kills, inside = 0, []
+    # At least 25 kills, and on until one has landed inside a save: how often
+    # one does depends on how long the disk takes to fsync (once in 11 runs on
+    # a busy host, none of 25 did).
+    while kills < 25 or (not inside and kills < 250):
         proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL)
         assert proc.stdout.readline().strip() == b"ready"
@@ -407,11 +410,11 @@ def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
         proc.wait()
         proc.stdout.close()
         kills += 1
+        # stray temporary files: kills that landed inside a save, between creating
+        # the temporary file and renaming it (the window this test is about)
+        inside = [f for f in os.listdir(tmp_path) if f.startswith(".ck.fbp.tmp-")]
         if not path.exists():
             continue  # killed before the first rename
         net, opt = ck = fastbp.load(path)
         assert net.params.tobytes() == expected[ck.metadata["version"]]
-    # stray temporary files: kills that landed inside a save, between creating
-    # the temporary file and renaming it (the window this test is about)
-    inside = [f for f in os.listdir(tmp_path) if f.startswith(".ck.fbp.tmp-")]
-    assert kills == 25 and path.exists() and len(inside) >= 1, inside
+    assert path.exists() and len(inside) >= 1, (kills, inside)
