@@ -743,6 +743,38 @@ def test_float32_sigmoid_and_softmax_are_accurate_to_a_few_ulp():
     assert P[0].tolist() == [0.0, 1.0] and np.isnan(P[1]).all()
 
 
+def test_float64_sigmoid_and_softmax_are_accurate_to_a_few_ulp():
+    # float64 sigmoid and softmax run on fastbp's own vectorised exp too: hold
+    # them to 3 ulp against extended precision (long double) over the whole range.
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.uniform(-750, 712, 300_000), rng.uniform(-2, 2, 100_000),
+                        np.geomspace(1e-300, 1, 1000), -np.geomspace(1e-300, 1, 1000),
+                        [-745.2, -708.4, -708.3, 0.0, 709.7, 709.8, 1e300, -1e300]])
+    if np.finfo(np.longdouble).nmant < 60:
+        pytest.skip("needs an extended-precision long double for the reference")
+    xl = x.astype(np.longdouble)
+    with np.errstate(over="ignore"):
+        expected = [(1 / (1 + np.exp(-xl))), (1 / (1 + np.exp(xl)))]
+
+    def check(actual, expected):
+        error = np.abs(actual.astype(np.longdouble) - expected)
+        normal = expected >= np.finfo(np.float64).tiny
+        assert float(np.max(error[normal] / expected[normal])) < 3 * 2.0**-52
+        assert float(np.max(error[~normal], initial=0)) <= 2 * np.finfo(np.float64).smallest_subnormal
+
+    out = _kernels.dense_forward(x[:, None], np.ones((1, 1)), np.zeros(1), "sigmoid",
+                                 np.empty((x.size, 1)))
+    check(out[:, 0], expected[0])
+    Z = np.stack([x, np.zeros_like(x)], axis=1)
+    P = _kernels.softmax(Z, np.empty_like(Z))
+    check(P[:, 0], expected[0])
+    check(P[:, 1], expected[1])
+    special = np.array([[np.nan], [np.inf], [-np.inf]])
+    result = _kernels.dense_forward(special, np.ones((1, 1)), np.zeros(1), "sigmoid",
+                                    np.empty_like(special))
+    assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, 0.0]
+
+
 def test_type_stubs_match_the_kernels():
     import ast
     import pathlib

@@ -17,7 +17,7 @@ fused loops over row pointers.
 
 from cython cimport floating
 from libc.limits cimport INT_MAX
-from libc.math cimport exp, expf, fabs, log, log1p, log1pf, logf, tanh
+from libc.math cimport fabs, log, log1p, log1pf, logf, tanh
 from libc.stdint cimport int8_t, int64_t
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
@@ -55,8 +55,12 @@ cdef extern from *:
 # says why they are in C.
 cdef extern from "_vecmath.h" nogil:
     int FBP_HAS_CLONES
+    float fbp_expf(float x)
+    double fbp_exp(double x)
     void fbp_exp_f32(float* x, Py_ssize_t n)
+    void fbp_exp_f64(double* x, Py_ssize_t n)
     void fbp_sigmoid_f32(float* z, Py_ssize_t n)
+    void fbp_sigmoid_f64(double* z, Py_ssize_t n)
     void fbp_tanh_f32(float* z, Py_ssize_t n)
     int fbp_max_exponent_f32(const float* x, Py_ssize_t n)
     int fbp_max_exponent_f64(const double* x, Py_ssize_t n)
@@ -135,10 +139,11 @@ cdef int _activation_code(activation, choices) except -1:
 # Scalar helpers: one body for both dtypes.
 
 cdef inline floating _exp(floating x) noexcept nogil:
+    # fastbp's own (_vecmath.h): the same in every loop, vectorised or not
     if floating is float:
-        return expf(x)
+        return fbp_expf(x)
     else:
-        return exp(x)
+        return fbp_exp(x)
 
 
 cdef inline floating _log(floating x) noexcept nogil:
@@ -231,21 +236,24 @@ cdef void _bias_activation(floating* Z, const floating* b, Py_ssize_t n, Py_ssiz
     """Z[i, j] = act(Z[i, j] + b[j]) for Z (n, m), b (m,)."""
     cdef Py_ssize_t i, j
     cdef floating* zr
+    # libm's exp and tanh are a call per element (24-33 ns per element that
+    # way); _vecmath.h's sigmoid and tanh loops run 4-16 lanes wide.
     if act != SIGMOID and act != TANH:
         _bias_act(Z, b, n, m, act)
-    elif floating is float:
-        # glibc's expf is a call per element (sigmoid and tanh cost 24-33 ns
-        # per element that way); _vecmath.h's loops run 8-16 lanes wide.
+    elif act == SIGMOID:
         _bias_act(Z, b, n, m, IDENTITY)
-        if act == SIGMOID:
+        if floating is float:
             fbp_sigmoid_f32(Z, n * m)
         else:
-            fbp_tanh_f32(Z, n * m)
-    else:
+            fbp_sigmoid_f64(Z, n * m)
+    elif floating is float:
+        _bias_act(Z, b, n, m, IDENTITY)
+        fbp_tanh_f32(Z, n * m)
+    else:  # float64 tanh: libm's
         for i in range(n):
             zr = Z + i * m
             for j in range(m):
-                zr[j] = _sigmoid(zr[j] + b[j]) if act == SIGMOID else tanh(zr[j] + b[j])
+                zr[j] = tanh(zr[j] + b[j])
 
 
 def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
@@ -440,35 +448,31 @@ cdef void _softmax_rows(const floating* Z, floating* out, Py_ssize_t n, Py_ssize
     cdef floating m, s
     cdef const floating* z
     cdef floating* o
-    if floating is double:
-        for i in range(n):
-            s = _softmax_row(Z + i * k, out + i * k, k)
-            if lse != NULL:
-                lse[i] = s
-    else:
-        # float32: every row shifted by its max, then one vectorised exp over the
-        # whole block (glibc's expf is a call per element), then the row sums in
-        # the order _softmax_row takes them
-        for i in range(n):
-            z, o = Z + i * k, out + i * k
-            m = z[0]
-            for j in range(1, k):
-                if z[j] > m:
-                    m = z[j]
-            for j in range(k):
-                o[j] = z[j] - m
-            if lse != NULL:
-                lse[i] = m
+    # every row shifted by its max, then one vectorised exp over the whole
+    # block, then the row sums in the order _softmax_row takes them
+    for i in range(n):
+        z, o = Z + i * k, out + i * k
+        m = z[0]
+        for j in range(1, k):
+            if z[j] > m:
+                m = z[j]
+        for j in range(k):
+            o[j] = z[j] - m
+        if lse != NULL:
+            lse[i] = m
+    if floating is float:
         fbp_exp_f32(out, n * k)
-        for i in range(n):
-            o = out + i * k
-            s = 0
-            for j in range(k):
-                s += o[j]
-            for j in range(k):
-                o[j] = o[j] / s
-            if lse != NULL:
-                lse[i] = logf(s) + lse[i]
+    else:
+        fbp_exp_f64(out, n * k)
+    for i in range(n):
+        o = out + i * k
+        s = 0
+        for j in range(k):
+            s += o[j]
+        for j in range(k):
+            o[j] = o[j] / s
+        if lse != NULL:
+            lse[i] = _log(s) + lse[i]
 
 
 def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):
