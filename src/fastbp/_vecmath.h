@@ -107,40 +107,27 @@ static inline double fbp_exp(double x)
     return p * s1 * s2;
 }
 
-/* x[i] = exp(x[i]), in place. */
-FBP_CLONES static void fbp_exp_f32(float *x, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++)
-        x[i] = fbp_expf(x[i]);
+/* x[i] = exp(x[i]) in place; z[i] = sigmoid(z[i]) in place: 1 / (1 + e) for
+ * z >= 0, e / (1 + e) below, with e = exp(-|z|), which never overflows. */
+#define FBP_DEFINE_EXP_LOOPS(T, S, EXP)                                                  \
+FBP_CLONES static void fbp_exp_##S(T *x, ptrdiff_t n)                                   \
+{                                                                                        \
+    for (ptrdiff_t i = 0; i < n; i++)                                                    \
+        x[i] = EXP(x[i]);                                                                \
+}                                                                                        \
+                                                                                         \
+FBP_CLONES static void fbp_sigmoid_##S(T *z, ptrdiff_t n)                               \
+{                                                                                        \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+        T v = z[i];                                                                      \
+        T e = EXP(v >= 0 ? -v : v);                                                      \
+        T r = (T)1 / ((T)1 + e);                                                         \
+        z[i] = v >= 0 ? r : e * r;                                                       \
+    }                                                                                    \
 }
 
-FBP_CLONES static void fbp_exp_f64(double *x, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++)
-        x[i] = fbp_exp(x[i]);
-}
-
-/* z[i] = sigmoid(z[i]) in place: 1 / (1 + e) for z >= 0, e / (1 + e) below,
- * with e = exp(-|z|), which never overflows. */
-FBP_CLONES static void fbp_sigmoid_f32(float *z, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++) {
-        float v = z[i];
-        float e = fbp_expf(v >= 0 ? -v : v);
-        float r = 1.0f / (1.0f + e);
-        z[i] = v >= 0 ? r : e * r;
-    }
-}
-
-FBP_CLONES static void fbp_sigmoid_f64(double *z, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++) {
-        double v = z[i];
-        double e = fbp_exp(v >= 0 ? -v : v);
-        double r = 1.0 / (1.0 + e);
-        z[i] = v >= 0 ? r : e * r;
-    }
-}
+FBP_DEFINE_EXP_LOOPS(float, f32, fbp_expf)
+FBP_DEFINE_EXP_LOOPS(double, f64, fbp_exp)
 
 /* z[i] = tanh(z[i]) in place. The Taylor series of tanh below |z| = 0.55, where
  * 1 - 2 / (exp(2|z|) + 1) would cancel, that formula above (it reaches exactly
@@ -165,50 +152,35 @@ FBP_CLONES static void fbp_tanh_f32(float *z, ptrdiff_t n)
     }
 }
 
-/* The largest exponent field over x (all ones: some element is NaN or
- * infinite). Integer max reductions vectorise without -ffast-math. */
-FBP_CLONES static int fbp_max_exponent_f32(const float *x, ptrdiff_t n)
-{
-    const uint32_t *u = (const uint32_t *)x;
-    uint32_t e = 0;
-    for (ptrdiff_t i = 0; i < n; i++) {
-        uint32_t f = (u[i] >> 23) & 0xffu;
-        e = f > e ? f : e;
-    }
-    return (int)e;
+/* fbp_max_exponent_S: the largest exponent field over x (all ones: some
+ * element is NaN or infinite); integer max reductions vectorise without
+ * -ffast-math. fbp_all_finite_S: whether no element is NaN or infinite. One
+ * is exactly when its exponent bits are all ones; then e + 1 carries into the
+ * bit above the field, so OR-ing e + 1 over all elements is branch-free and
+ * vectorises at every level. U is the unsigned integer of T's width. */
+#define FBP_DEFINE_SCANS(T, S, U, SHIFT, MASK)                                           \
+FBP_CLONES static int fbp_max_exponent_##S(const T *x, ptrdiff_t n)                     \
+{                                                                                        \
+    const U *u = (const U *)x;                                                           \
+    U e = 0;                                                                             \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+        U f = (u[i] >> SHIFT) & MASK;                                                    \
+        e = f > e ? f : e;                                                               \
+    }                                                                                    \
+    return (int)e;                                                                       \
+}                                                                                        \
+                                                                                         \
+FBP_CLONES static int fbp_all_finite_##S(const T *x, ptrdiff_t n)                       \
+{                                                                                        \
+    const U *u = (const U *)x;                                                           \
+    U acc = 0;                                                                           \
+    for (ptrdiff_t i = 0; i < n; i++)                                                    \
+        acc |= ((u[i] >> SHIFT) & MASK) + 1;                                             \
+    return (acc & (MASK + 1)) == 0;                                                      \
 }
 
-FBP_CLONES static int fbp_max_exponent_f64(const double *x, ptrdiff_t n)
-{
-    const uint64_t *u = (const uint64_t *)x;
-    uint64_t e = 0;
-    for (ptrdiff_t i = 0; i < n; i++) {
-        uint64_t f = (u[i] >> 52) & 0x7ffu;
-        e = f > e ? f : e;
-    }
-    return (int)e;
-}
-
-/* Whether no element is NaN or infinite. A float is exactly when its exponent
- * bits are all ones; then e + 1 carries into the bit above the field, so OR-ing
- * e + 1 over all elements is branch-free and vectorises at every level. */
-FBP_CLONES static int fbp_all_finite_f32(const float *x, ptrdiff_t n)
-{
-    const uint32_t *u = (const uint32_t *)x;
-    uint32_t acc = 0;
-    for (ptrdiff_t i = 0; i < n; i++)
-        acc |= ((u[i] >> 23) & 0xffu) + 1;
-    return (acc & 0x100u) == 0;
-}
-
-FBP_CLONES static int fbp_all_finite_f64(const double *x, ptrdiff_t n)
-{
-    const uint64_t *u = (const uint64_t *)x;
-    uint64_t acc = 0;
-    for (ptrdiff_t i = 0; i < n; i++)
-        acc |= ((u[i] >> 52) & 0x7ffu) + 1;
-    return (acc & 0x800u) == 0;
-}
+FBP_DEFINE_SCANS(float, f32, uint32_t, 23, 0xffu)
+FBP_DEFINE_SCANS(double, f64, uint64_t, 52, 0x7ffu)
 
 /* Activation codes, in the order of fastbp._checks.ACTIVATIONS (_kernels.pyx
  * takes its names for them from here). */
