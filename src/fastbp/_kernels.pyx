@@ -12,7 +12,8 @@ built in three tiers:
 3. ``cdef ... noexcept nogil`` loops on raw pointers that assume valid input.
 
 GEMMs go through scipy's BLAS (`scipy.linalg.cython_blas`); everything else is
-fused loops over row pointers.
+fused loops over row pointers, the elementwise ones (and exp) in `_vecmath.h`,
+compiled once per instruction-set level.
 """
 
 from cython cimport floating
@@ -51,10 +52,9 @@ cdef extern from *:
     """
     int FASTBP_DEBUG
 
-# Loops that need AVX2/AVX-512 clones or a vectorisable float32 exp: _vecmath.h
-# says why they are in C.
+# The elementwise loops, compiled per instruction-set level, and fastbp's exp:
+# _vecmath.h says why they are in C.
 cdef extern from "_vecmath.h" nogil:
-    int FBP_HAS_CLONES
     float fbp_expf(float x)
     double fbp_exp(double x)
     void fbp_exp_f32(float* x, Py_ssize_t n)

@@ -31,10 +31,8 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     defined(__GLIBC__) && !defined(FASTBP_NO_CLONES)
 #define FBP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define FBP_HAS_CLONES 1
 #else
 #define FBP_CLONES
-#define FBP_HAS_CLONES 0
 #endif
 
 static inline uint32_t fbp_bits_f32(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
