@@ -1169,20 +1169,11 @@ def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
     cdef _NetArgs g
     cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
                                           output, A, D, grad, 0, NULL, c_sizes, acts, &g)
-    cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1
-    cdef double value = 0
-    cdef bint bad_label = False
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    with nogil:
-        if plabels != NULL:
-            bad_label = _first_bad_label(plabels, n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            _mlp_forward_backward(&X[0, 0], plabels, ptargets, &params[0], &A[0], &D[0],
-                                  &grad[0], n, n_layers, c_sizes, acts, loss_code, &value)
-    if bad_label:
+    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, NULL,
+                       len(sizes) - 1, c_sizes, acts, loss_code)
+    if result is None:  # a label out of range
         raise ValueError
-    return value
+    return result[0]
 
 
 def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
@@ -1306,7 +1297,12 @@ cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T
                      floating* params, floating* A, floating* D, floating* grad, Py_ssize_t n,
                      Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts, int loss,
                      const _Optim* o, Py_ssize_t k, double* loss_out) noexcept nogil:
-    """The k-th (from 0) step of an epoch with optimizer o: 0 applied, 1 refused."""
+    """The k-th (from 0) step of an epoch with optimizer o: 0 applied, 1 refused.
+    With o NULL, only the loss and the gradient (into grad), as mlp_gradients: 0."""
+    if o == NULL:
+        _mlp_forward_backward(X, labels, T, params, A, D, grad, n, n_layers, sizes, acts, loss,
+                              loss_out)
+        return 0
     if o.adam:
         return _mlp_adam_step_loop(X, labels, T, params, A, D, grad, <floating*>o.m,
                                    <floating*>o.v, <floating*>o.vmax, n, n_layers, sizes, acts,
@@ -1320,8 +1316,9 @@ cdef int _optim_step(const floating* X, const int64_t* labels, const floating* T
 
 cdef object _run_step(const _NetArgs* g, int t, const _Optim* o, Py_ssize_t n_layers,
                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
-    """One step with optimizer o on the checked arrays g describes (type number t): (loss,
-    status), or None when a label is out of range (the general path names it)."""
+    """One step with optimizer o (NULL: the gradient only) on the checked arrays g
+    describes (type number t): (loss, status), or None when a label is out of range
+    (the general path names it)."""
     cdef double value = 0
     cdef int status = 0
     cdef bint bad_label = False
@@ -1385,26 +1382,8 @@ cdef object _gradients_direct(object X, object labels, object targets, object pa
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
     cdef int loss_code = _net_checks(&g, sizes, activations, loss, output, c_sizes, acts)
-    cdef Py_ssize_t n_layers = len(sizes) - 1
-    cdef double value = 0
-    cdef bint bad_label = False
-    with nogil:
-        if g.has_labels:
-            bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
-        if not bad_label:
-            if t == cnp.NPY_FLOAT32:
-                _mlp_forward_backward(<const float*>g.X, <const int64_t*>g.labels,
-                                      <const float*>g.targets, <const float*>g.params,
-                                      <float*>g.A, <float*>g.D, <float*>g.grad, g.n, n_layers,
-                                      c_sizes, acts, loss_code, &value)
-            else:
-                _mlp_forward_backward(<const double*>g.X, <const int64_t*>g.labels,
-                                      <const double*>g.targets, <const double*>g.params,
-                                      <double*>g.A, <double*>g.D, <double*>g.grad, g.n, n_layers,
-                                      c_sizes, acts, loss_code, &value)
-    if bad_label:
-        return None
-    return value
+    result = _run_step(&g, t, NULL, len(sizes) - 1, c_sizes, acts, loss_code)
+    return None if result is None else result[0]
 
 
 def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
