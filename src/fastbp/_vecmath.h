@@ -150,6 +150,48 @@ FBP_CLONES static void fbp_tanh_f32(float *z, ptrdiff_t n)
     }
 }
 
+/* The same for float64, with the 18 Taylor terms after x that reach 0.04 ulp at
+ * |z| = 0.55 (coefficients 2^2n (2^2n - 1) B_2n / (2n)!, highest first, each the
+ * double nearest the exact fraction). At most 3 ulp from the exact tanh
+ * (tested against long double). */
+static const double fbp_tanh_series_f64[18] = {
+    0x1.2efe8db3aff1fp-24, -0x1.75cde6563fed9p-23, 0x1.cd299de4ae6bbp-22,
+    -0x1.1c77df95c1c0dp-20, 0x1.5ef2da474e5b7p-19, -0x1.b0f72d3ee24e9p-18,
+    0x1.0b132d39a6050p-16, -0x1.497d8eea25259p-15, 0x1.967e18afcafadp-14,
+    -0x1.f57d7734d1664p-13, 0x1.3558248036744p-11, -0x1.7da36452b75e3p-10,
+    0x1.d6d3d0e157de0p-9, -0x1.226e355e6c23dp-7, 0x1.664f4882c10fap-6,
+    -0x1.ba1ba1ba1ba1cp-5, 0x1.1111111111111p-3, -0x1.5555555555555p-2};
+
+FBP_CLONES static void fbp_tanh_f64(double *z, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double v = z[i], a = fabs(v), a2 = a * a;
+        /* Horner written out: a loop over the table would stop vectorisation */
+        const double *c = fbp_tanh_series_f64;
+        double p = c[0];
+        p = c[1] + a2 * p;
+        p = c[2] + a2 * p;
+        p = c[3] + a2 * p;
+        p = c[4] + a2 * p;
+        p = c[5] + a2 * p;
+        p = c[6] + a2 * p;
+        p = c[7] + a2 * p;
+        p = c[8] + a2 * p;
+        p = c[9] + a2 * p;
+        p = c[10] + a2 * p;
+        p = c[11] + a2 * p;
+        p = c[12] + a2 * p;
+        p = c[13] + a2 * p;
+        p = c[14] + a2 * p;
+        p = c[15] + a2 * p;
+        p = c[16] + a2 * p;
+        p = c[17] + a2 * p;
+        double series = a + a * a2 * p;
+        double formula = 1.0 - 2.0 / (fbp_exp(2.0 * a) + 1.0);
+        z[i] = copysign(a < 0.55 ? series : formula, v);
+    }
+}
+
 /* fbp_max_exponent_S: the largest exponent field over x (all ones: some
  * element is NaN or infinite); integer max reductions vectorise without
  * -ffast-math. fbp_all_finite_S: whether no element is NaN or infinite. One
