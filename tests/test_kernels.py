@@ -690,108 +690,91 @@ def test_bad_sgd_call_writes_nothing(kernels):
     np.testing.assert_array_equal(buf, np.arange(4.0))
 
 
-def test_float32_tanh_is_accurate_to_a_few_ulp():
-    # The compiled float32 tanh is fastbp's own (series below 0.55, expf above):
-    # hold it to 3 ulp against double tanh, across its branches and in the tails.
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.uniform(-20, 20, 200_000), rng.uniform(-0.6, 0.6, 200_000),
-                        np.geomspace(1e-30, 1e-2, 20_000), -np.geomspace(1e-30, 1e-2, 20_000),
-                        [0.5499999, 0.55, 0.5500001, 9.09, 9.1, 9.11, 1e30, -1e30]]).astype(np.float32)
-    out = np.empty((x.size, 1), np.float32)
-    _kernels.dense_forward(x[:, None], np.ones((1, 1), np.float32), np.zeros(1, np.float32), "tanh", out)
-    expected = np.tanh(x.astype(np.float64))
-    assert np.max(np.abs(out[:, 0] - expected) / np.abs(expected)) < 3 * 2.0**-23
-    special = np.array([[np.nan], [np.inf], [-np.inf], [0.0]], np.float32)
-    result = _kernels.dense_forward(special, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
-                                    "tanh", np.empty_like(special))
-    assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, -1.0, 0.0]
+#: Per dtype, for the accuracy tests of fastbp's own exp and tanh (_vecmath.h):
+#: the wider float the reference is computed in, and the inputs: the range the
+#: exp-based kernels are drawn from with the points where exp under- and
+#: overflows, the range tanh is drawn from with the points where its series
+#: meets its formula and where it rounds to 1, and the smallest magnitudes.
+ACCURACY = {
+    np.float32: dict(reference=np.float64, exp_range=(-120, 100),
+                     exp_edges=[-103.97, -87.34, -87.33, 0.0, 88.72, 88.73, 1e30, -1e30],
+                     tanh_range=(-20, 20),
+                     tanh_edges=[0.5499999, 0.55, 0.5500001, 9.09, 9.1, 9.11, 1e30, -1e30],
+                     smallest=1e-30),
+    np.float64: dict(reference=np.longdouble, exp_range=(-750, 712),
+                     exp_edges=[-745.2, -708.4, -708.3, 0.0, 709.7, 709.8, 1e300, -1e300],
+                     tanh_range=(-25, 25),
+                     tanh_edges=[0.5499999999, 0.55, 0.5500000001, 19.0, 19.1, 1e300, -1e300],
+                     smallest=1e-300),
+}
 
 
-def test_float64_tanh_is_accurate_to_a_few_ulp():
-    # fastbp's own too (18-term series below 0.55, exp above): 3 ulp against long double.
-    if np.finfo(np.longdouble).nmant < 60:
+def accuracy_case(dtype):
+    """ACCURACY[dtype] and 3 ulp of dtype; skips where the reference float is not
+    at least 8 bits wider (a long double that is only a double)."""
+    case = ACCURACY[dtype]
+    if np.finfo(case["reference"]).nmant < np.finfo(dtype).nmant + 8:
         pytest.skip("needs an extended-precision long double for the reference")
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.uniform(-25, 25, 200_000), rng.uniform(-0.6, 0.6, 200_000),
-                        np.geomspace(1e-300, 1e-2, 20_000), -np.geomspace(1e-300, 1e-2, 20_000),
-                        [0.5499999999, 0.55, 0.5500000001, 19.0, 19.1, 1e300, -1e300]])
-    out = _kernels.dense_forward(x[:, None], np.ones((1, 1)), np.zeros(1), "tanh",
-                                 np.empty((x.size, 1)))[:, 0]
-    expected = np.tanh(x.astype(np.longdouble))
-    error = np.abs(out.astype(np.longdouble) - expected) / np.abs(expected)
-    assert float(np.max(error)) < 3 * 2.0**-52
-    special = np.array([[np.nan], [np.inf], [-np.inf], [0.0], [-0.0]])
-    result = _kernels.dense_forward(special, np.ones((1, 1)), np.zeros(1), "tanh",
+    return case, 3 * np.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_is_accurate_to_a_few_ulp(dtype):
+    # The compiled tanh is fastbp's own (series below 0.55, exp above): hold it to
+    # 3 ulp against a wider float, across its branches and in the tails.
+    case, bound = accuracy_case(dtype)
+    rng = np.random.default_rng(0)
+    tiny = case["smallest"]
+    x = np.concatenate([rng.uniform(*case["tanh_range"], 200_000), rng.uniform(-0.6, 0.6, 200_000),
+                        np.geomspace(tiny, 1e-2, 20_000), -np.geomspace(tiny, 1e-2, 20_000),
+                        case["tanh_edges"]]).astype(dtype)
+    out = _kernels.dense_forward(x[:, None], np.ones((1, 1), dtype), np.zeros(1, dtype), "tanh",
+                                 np.empty((x.size, 1), dtype))[:, 0]
+    expected = np.tanh(x.astype(case["reference"]))
+    assert float(np.max(np.abs(out.astype(case["reference"]) - expected) / np.abs(expected))) < bound
+    special = np.array([[np.nan], [np.inf], [-np.inf], [0.0], [-0.0]], dtype)
+    result = _kernels.dense_forward(special, np.ones((1, 1), dtype), np.zeros(1, dtype), "tanh",
                                     np.empty_like(special))[:, 0]
     assert np.isnan(result[0]) and result[1:].tolist() == [1.0, -1.0, 0.0, 0.0]
 
 
-def test_float32_sigmoid_and_softmax_are_accurate_to_a_few_ulp():
-    # Both run on fastbp's own vectorised float32 exp (_vecmath.h), not libm's:
-    # hold them to 3 ulp against float64 over the whole range, overflow and
-    # underflow included (below the smallest normal float32, to 2 subnormal steps).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_and_softmax_are_accurate_to_a_few_ulp(dtype):
+    # Both run on fastbp's own vectorised exp (_vecmath.h), not libm's: hold them
+    # to 3 ulp against a wider float over the whole range, overflow and underflow
+    # included (below the smallest normal, to 2 subnormal steps).
+    case, bound = accuracy_case(dtype)
+    ref, info = case["reference"], np.finfo(dtype)
     rng = np.random.default_rng(1)
-    x = np.concatenate([rng.uniform(-120, 100, 300_000), rng.uniform(-2, 2, 100_000),
-                        np.geomspace(1e-30, 1, 1000), -np.geomspace(1e-30, 1, 1000),
-                        [-103.97, -87.34, -87.33, 0.0, 88.72, 88.73, 1e30, -1e30]]).astype(np.float32)
-    x64 = x.astype(np.float64)
+    tiny = case["smallest"]
+    x = np.concatenate([rng.uniform(*case["exp_range"], 300_000), rng.uniform(-2, 2, 100_000),
+                        np.geomspace(tiny, 1, 1000), -np.geomspace(tiny, 1, 1000),
+                        case["exp_edges"]]).astype(dtype)
+    wide = x.astype(ref)
     with np.errstate(over="ignore"):
-        expected = 1 / (1 + np.exp(-x64)), 1 / (1 + np.exp(x64))
+        expected = 1 / (1 + np.exp(-wide)), 1 / (1 + np.exp(wide))
 
     def check(actual, expected):
-        error = np.abs(actual.astype(np.float64) - expected)
-        normal = expected >= np.finfo(np.float32).tiny
-        assert np.max(error[normal] / expected[normal]) < 3 * 2.0**-23
-        assert np.max(error[~normal], initial=0) <= 2 * np.finfo(np.float32).smallest_subnormal
+        error = np.abs(actual.astype(ref) - expected)
+        normal = expected >= info.tiny
+        assert float(np.max(error[normal] / expected[normal])) < bound
+        assert float(np.max(error[~normal], initial=0)) <= 2 * info.smallest_subnormal
 
-    out = np.empty((x.size, 1), np.float32)
-    _kernels.dense_forward(x[:, None], np.ones((1, 1), np.float32), np.zeros(1, np.float32),
-                           "sigmoid", out)
+    out = _kernels.dense_forward(x[:, None], np.ones((1, 1), dtype), np.zeros(1, dtype), "sigmoid",
+                                 np.empty((x.size, 1), dtype))
     check(out[:, 0], expected[0])
     # softmax of rows [x, 0] is [sigmoid(x), sigmoid(-x)]
     Z = np.stack([x, np.zeros_like(x)], axis=1)
     P = _kernels.softmax(Z, np.empty_like(Z))
     check(P[:, 0], expected[0])
     check(P[:, 1], expected[1])
-    special = np.array([[np.nan], [np.inf], [-np.inf]], np.float32)
-    result = _kernels.dense_forward(special, np.ones((1, 1), np.float32), np.zeros(1, np.float32),
-                                    "sigmoid", np.empty_like(special))
-    assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, 0.0]
-    rows = np.array([[-np.inf, 0.0], [np.nan, 0.0]], np.float32)
-    P = _kernels.softmax(rows, np.empty_like(rows))
-    assert P[0].tolist() == [0.0, 1.0] and np.isnan(P[1]).all()
-
-
-def test_float64_sigmoid_and_softmax_are_accurate_to_a_few_ulp():
-    # float64 sigmoid and softmax run on fastbp's own vectorised exp too: hold
-    # them to 3 ulp against extended precision (long double) over the whole range.
-    rng = np.random.default_rng(2)
-    x = np.concatenate([rng.uniform(-750, 712, 300_000), rng.uniform(-2, 2, 100_000),
-                        np.geomspace(1e-300, 1, 1000), -np.geomspace(1e-300, 1, 1000),
-                        [-745.2, -708.4, -708.3, 0.0, 709.7, 709.8, 1e300, -1e300]])
-    if np.finfo(np.longdouble).nmant < 60:
-        pytest.skip("needs an extended-precision long double for the reference")
-    xl = x.astype(np.longdouble)
-    with np.errstate(over="ignore"):
-        expected = [(1 / (1 + np.exp(-xl))), (1 / (1 + np.exp(xl)))]
-
-    def check(actual, expected):
-        error = np.abs(actual.astype(np.longdouble) - expected)
-        normal = expected >= np.finfo(np.float64).tiny
-        assert float(np.max(error[normal] / expected[normal])) < 3 * 2.0**-52
-        assert float(np.max(error[~normal], initial=0)) <= 2 * np.finfo(np.float64).smallest_subnormal
-
-    out = _kernels.dense_forward(x[:, None], np.ones((1, 1)), np.zeros(1), "sigmoid",
-                                 np.empty((x.size, 1)))
-    check(out[:, 0], expected[0])
-    Z = np.stack([x, np.zeros_like(x)], axis=1)
-    P = _kernels.softmax(Z, np.empty_like(Z))
-    check(P[:, 0], expected[0])
-    check(P[:, 1], expected[1])
-    special = np.array([[np.nan], [np.inf], [-np.inf]])
-    result = _kernels.dense_forward(special, np.ones((1, 1)), np.zeros(1), "sigmoid",
+    special = np.array([[np.nan], [np.inf], [-np.inf]], dtype)
+    result = _kernels.dense_forward(special, np.ones((1, 1), dtype), np.zeros(1, dtype), "sigmoid",
                                     np.empty_like(special))
     assert np.isnan(result[0, 0]) and result[1:, 0].tolist() == [1.0, 0.0]
+    rows = np.array([[-np.inf, 0.0], [np.nan, 0.0]], dtype)
+    P = _kernels.softmax(rows, np.empty_like(rows))
+    assert P[0].tolist() == [0.0, 1.0] and np.isnan(P[1]).all()
 
 
 def test_type_stubs_match_the_kernels():
