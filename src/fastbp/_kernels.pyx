@@ -59,6 +59,8 @@ cdef extern from "_vecmath.h" nogil:
     double fbp_exp(double x)
     void fbp_exp_f32(float* x, Py_ssize_t n)
     void fbp_exp_f64(double* x, Py_ssize_t n)
+    float fbp_sigmoid1_f32(float z)
+    double fbp_sigmoid1_f64(double z)
     void fbp_sigmoid_f32(float* z, Py_ssize_t n)
     void fbp_sigmoid_f64(double* z, Py_ssize_t n)
     void fbp_tanh_f32(float* z, Py_ssize_t n)
@@ -155,12 +157,11 @@ cdef inline floating _log(floating x) noexcept nogil:
 
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:
-    # exp(-|z|) never overflows; 1/(1+e) for z >= 0 and e/(1+e) for z < 0 are
-    # the two stable forms, chosen by a select rather than a branch.
-    cdef floating one = 1  # a bare 1 would be the C double 1.0: float32 math in double
-    cdef floating e = _exp(-z if z >= 0 else z)
-    cdef floating r = one / (one + e)
-    return r if z >= 0 else e * r
+    # the sigmoid of _vecmath.h's loops, for one element
+    if floating is float:
+        return fbp_sigmoid1_f32(z)
+    else:
+        return fbp_sigmoid1_f64(z)
 
 
 cdef inline floating _derivative_from_output(floating a, int act) noexcept nogil:

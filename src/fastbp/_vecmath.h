@@ -105,8 +105,9 @@ static inline double fbp_exp(double x)
     return p * s1 * s2;
 }
 
-/* x[i] = exp(x[i]) in place; z[i] = sigmoid(z[i]) in place: 1 / (1 + e) for
- * z >= 0, e / (1 + e) below, with e = exp(-|z|), which never overflows. */
+/* x[i] = exp(x[i]) in place; sigmoid(z): 1 / (1 + e) for z >= 0, e / (1 + e)
+ * below, with e = exp(-|z|), which never overflows (chosen by a select, not a
+ * branch); z[i] = sigmoid(z[i]) in place. */
 #define FBP_DEFINE_EXP_LOOPS(T, S, EXP)                                                  \
 FBP_CLONES static void fbp_exp_##S(T *x, ptrdiff_t n)                                   \
 {                                                                                        \
@@ -114,14 +115,17 @@ FBP_CLONES static void fbp_exp_##S(T *x, ptrdiff_t n)                           
         x[i] = EXP(x[i]);                                                                \
 }                                                                                        \
                                                                                          \
+static inline T fbp_sigmoid1_##S(T v)                                                    \
+{                                                                                        \
+    T e = EXP(v >= 0 ? -v : v);                                                          \
+    T r = (T)1 / ((T)1 + e);                                                             \
+    return v >= 0 ? r : e * r;                                                           \
+}                                                                                        \
+                                                                                         \
 FBP_CLONES static void fbp_sigmoid_##S(T *z, ptrdiff_t n)                               \
 {                                                                                        \
-    for (ptrdiff_t i = 0; i < n; i++) {                                                  \
-        T v = z[i];                                                                      \
-        T e = EXP(v >= 0 ? -v : v);                                                      \
-        T r = (T)1 / ((T)1 + e);                                                         \
-        z[i] = v >= 0 ? r : e * r;                                                       \
-    }                                                                                    \
+    for (ptrdiff_t i = 0; i < n; i++)                                                    \
+        z[i] = fbp_sigmoid1_##S(z[i]);                                                   \
 }
 
 FBP_DEFINE_EXP_LOOPS(float, f32, fbp_expf)
