@@ -30,7 +30,7 @@ extensions = [
         # NumPy's C API: the per-step path reads arrays without memoryview objects;
         # _vecmath.h: the loops compiled once per instruction-set level
         include_dirs=["src/fastbp", numpy.get_include()],
-        depends=["src/fastbp/_vecmath.h"],
+        depends=["src/fastbp/_vecmath.h", "src/fastbp/_smallgemm.h"],
         # No -ffast-math: it would let the compiler drop NaN/inf checks and
         # reassociate sums, and fastbp promises exact, checkable numerics.
         # -fno-trapping-math changes no result (we never enable FP traps); it

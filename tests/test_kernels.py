@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastbp
 from fastbp import _kernels, reference
 from fastbp._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
@@ -787,3 +788,96 @@ def test_type_stubs_match_the_kernels():
     assert sorted(functions) == PUBLIC
     for name, params in functions.items():
         assert params == list(inspect.signature(getattr(_kernels, name)).parameters), name
+
+
+# ---------------------------------------------------------------------------
+# The forward product of small layers (_smallgemm.h): its own kernel, not BLAS.
+
+SMALL_LEVEL = _kernels._small_gemm_level()
+# (n, n_in, n_out): row blocks of 6 and 12 and their tails, n_in across the 8 x 8
+# (4 x 4) transposes of the packing and its edges, panels of 1 and 2 vectors and
+# partly filled ones, for both dtypes' vector widths
+SMALL_SHAPES = [(n, n_in, n_out) for n in (1, 5, 6, 7, 13, 32) for n_in in (1, 7, 8, 9, 64, 128)
+                for n_out in (17, 24, 31, 32, 33, 40, 64, 100)]
+SMALL_SHAPES += [(n, n_in, n_out) for n in (128, 131, 140) for n_in in (3, 36, 128)
+                 for n_out in (1, 5, 8, 9, 16)]
+
+
+@pytest.fixture
+def small_level():
+    """Restores the product's kernel level after a test that changes it."""
+    yield
+    _kernels._small_gemm_level(SMALL_LEVEL)
+
+
+def test_small_product_takes_the_shapes_it_measured_faster_on():
+    # the test shapes below must reach the kernel; BLAS keeps n_in > 128, large
+    # products and narrow last layers on small batches
+    assert all(_kernels._small_gemm_takes(*shape) for shape in SMALL_SHAPES)
+    for shape in [(32, 129, 64), (32, 784, 128), (512, 128, 128), (32, 128, 10), (64, 32, 16),
+                  (32, 0, 64)]:
+        assert not _kernels._small_gemm_takes(*shape), shape
+    assert _kernels._small_gemm_takes(32, 64, 128) and _kernels._small_gemm_takes(128, 128, 10)
+    with pytest.raises(ValueError, match="level must be 0 to"):
+        _kernels._small_gemm_level(SMALL_LEVEL + 1)
+    assert _kernels._small_gemm_level() == SMALL_LEVEL
+
+
+@pytest.mark.skipif(SMALL_LEVEL == 0, reason="the CPU has no FMA: BLAS does every product")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_product_is_accurate_and_the_same_bits_on_every_level(small_level, dtype):
+    rng = np.random.default_rng(7)
+    tol = np.finfo(dtype).eps
+    for n, n_in, n_out in SMALL_SHAPES:
+        X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
+        b = np.zeros(n_out, dtype)
+        results = []
+        for level in range(SMALL_LEVEL, -1, -1):
+            _kernels._small_gemm_level(level)
+            results.append(_kernels.dense_forward(X, W, b, "identity",
+                                                  np.full((n, n_out), np.nan, dtype)))
+        exact = X.astype(np.longdouble) @ W.T.astype(np.longdouble)
+        scale = np.abs(X.astype(np.float64)) @ np.abs(W.T.astype(np.float64))
+        for level, Z in zip(range(SMALL_LEVEL, -1, -1), results):
+            # a sum of n_in rounded products: within n_in units of rounding of the scale
+            error = np.abs(Z.astype(np.longdouble) - exact)
+            assert (error <= n_in * tol * scale).all(), (level, n, n_in, n_out)
+        # AVX-512 and AVX2 sum each element in the same order with the same FMAs
+        for Z in results[:-1]:
+            assert Z.tobytes() == results[0].tobytes(), (n, n_in, n_out)
+
+
+@pytest.mark.skipif(SMALL_LEVEL == 0, reason="the CPU has no FMA: BLAS does every product")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_product_propagates_nan_and_inf_like_blas(small_level, dtype):
+    n, n_in, n_out = 13, 9, 33
+    X = np.ones((n, n_in), dtype)
+    W = np.ones((n_out, n_in), dtype)
+    X[0, 3], X[1, 8], X[2, 0] = np.inf, np.nan, -np.inf
+    W[5, 3] = 0.0  # inf * 0: NaN
+    W[7, 0] = -1.0  # -inf * -1: +inf
+    out = {}
+    for level in (SMALL_LEVEL, 0):
+        _kernels._small_gemm_level(level)
+        out[level] = _kernels.dense_forward(X, W, np.zeros(n_out, dtype), "identity",
+                                            np.empty((n, n_out), dtype))
+    assert np.isnan(out[SMALL_LEVEL][0, 5]) and out[SMALL_LEVEL][0, 4] == np.inf
+    assert np.isnan(out[SMALL_LEVEL][1]).all() and out[SMALL_LEVEL][2, 7] == np.inf
+    np.testing.assert_array_equal(out[SMALL_LEVEL], out[0])  # NaNs in the same places
+
+
+@pytest.mark.skipif(SMALL_LEVEL < 2, reason="needs AVX-512 and AVX2 to compare them")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_product_levels_train_to_the_same_bits(small_level, dtype):
+    # whole fits on the digits shapes, where the forward product of the hidden
+    # layer is the kernel's: AVX-512 and AVX2 must agree bit for bit
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 64)).astype(dtype)
+    y = rng.integers(0, 10, 200)
+    params = []
+    for level in (2, 1):
+        _kernels._small_gemm_level(level)
+        net = fastbp.MLP([64, 128, 40, 10], activation="tanh", seed=0, dtype=dtype)
+        net.fit(X, y, epochs=3, batch_size=32, optimizer=fastbp.SGD(net.params, lr=0.05, momentum=0.9))
+        params.append(net.params.copy())
+    assert params[0].tobytes() == params[1].tobytes()

@@ -96,7 +96,18 @@ cdef extern from "_vecmath.h" nogil:
                       double beta2_complement, double bc2_sqrt, double eps, double l2,
                       int scale_param, double param_scale, int maximize)
 
+# The forward product of small layers without BLAS (_smallgemm.h says why).
+cdef extern from "_smallgemm.h" nogil:
+    int fbp_tn_level
+    int fbp_tn_init()
+    int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out)
+    int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
+                   Py_ssize_t n_out)
+    int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
+                   Py_ssize_t n_in, Py_ssize_t n_out)
+
 cnp.import_array()
+fbp_tn_init()
 
 #: True when built with FASTBP_CYTHON_DEBUG=1 (bounds and initialisation checks on).
 DEBUG_BUILD = bool(FASTBP_DEBUG)
@@ -221,6 +232,42 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
               &beta, C, &ldc)
 
 
+cdef inline void _forward_product(const floating* X, const floating* W, floating* Z,
+                                  Py_ssize_t n, Py_ssize_t n_in,
+                                  Py_ssize_t n_out) noexcept nogil:
+    """Z = X @ W.T for X (n, n_in), W (n_out, n_in): _smallgemm.h's kernel where it
+    takes the shape, BLAS elsewhere."""
+    if floating is float:
+        if fbp_tn_f32(X, W, Z, n, n_in, n_out):
+            return
+    else:
+        if fbp_tn_f64(X, W, Z, n, n_in, n_out):
+            return
+    _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_in, 0, Z,
+          <int>n_out)
+
+
+def _small_gemm_level(level=None):
+    """The forward product's kernel: 2 (AVX-512), 1 (AVX2 and FMA) or 0 (BLAS only).
+    With an argument, sets it (tests and benchmarks compare the paths; at most what
+    the CPU has) and returns the previous level."""
+    cdef int previous = fbp_tn_level, best
+    global fbp_tn_level
+    if level is not None:
+        best = fbp_tn_init()
+        if not 0 <= level <= best:
+            fbp_tn_level = previous
+            raise ValueError(f"level must be 0 to {best} on this CPU, got {level!r}")
+        fbp_tn_level = level
+    return previous
+
+
+def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out):
+    """Whether the forward product of this shape runs on _smallgemm.h's kernel (at
+    a level above 0) rather than BLAS."""
+    return bool(fbp_tn_takes(n, n_in, n_out))
+
+
 # ---------------------------------------------------------------------------
 # dense_forward
 
@@ -276,8 +323,7 @@ def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
     for name, size in (("n", n), ("n_in", n_in), ("n_out", n_out)):
         _check_blas_size(name, size)
     with nogil:
-        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, pX, <int>n_in, pW, <int>n_in,
-              0, pout, <int>n_out)
+        _forward_product(pX, pW, pout, n, n_in, n_out)
         _bias_activation(pout, &b[0], n, n_out, act)
 
 
@@ -860,8 +906,7 @@ cdef void _mlp_forward_loss(const floating* X, const int64_t* labels, const floa
     for l in range(n_layers):
         n_in, n_out = sizes[l], sizes[l + 1]
         Al = A + a_off[l]
-        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, prev, <int>n_in, params + w_off[l],
-              <int>n_in, 0, Al, <int>n_out)
+        _forward_product(prev, params + w_off[l], Al, n, n_in, n_out)
         _bias_activation(Al, params + w_off[l] + n_out * n_in, n, n_out, acts[l])
         prev = Al
     n_out = sizes[n_layers]
@@ -1413,9 +1458,10 @@ def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A
 
 def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple sizes,
                 floating[::1] A, floating[::1] D, floating[::1] grad):
-    """Only the GEMMs of a training step on X, through the same BLAS calls as the
-    step (forward; dW; dX for all but the first layer), in one call without the
-    GIL: what a step would cost if nothing else took any time."""
+    """Only the GEMMs of a training step on X, through the same calls as the step
+    (forward: `_forward_product`, BLAS or the small kernel as in the step; dW; dX
+    for all but the first layer), in one call without the GIL: what a step would
+    cost if nothing else took any time."""
     cdef Py_ssize_t n = X.shape[0], n_layers = len(sizes) - 1, l, n_in, n_out
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef Py_ssize_t w_off[MAX_LAYERS + 1]
@@ -1434,8 +1480,7 @@ def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple size
         prev = &X[0, 0]
         for l in range(n_layers):
             n_in, n_out = c_sizes[l], c_sizes[l + 1]
-            _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, prev, <int>n_in,
-                  &params[0] + w_off[l], <int>n_in, 0, &A[0] + a_off[l], <int>n_out)
+            _forward_product(prev, &params[0] + w_off[l], &A[0] + a_off[l], n, n_in, n_out)
             prev = &A[0] + a_off[l]
         for l in range(n_layers - 1, -1, -1):
             n_in, n_out = c_sizes[l], c_sizes[l + 1]

@@ -3,8 +3,9 @@
 Peers, all on the same batch: fastbp's reference backend (plain NumPy), a
 strong hand-written NumPy step (preallocated buffers, ``out=`` everywhere),
 PyTorch eager on the CPU when installed, and the GEMM floor (the step's GEMMs
-alone: forward, dW, and dX for all but the first layer, through the same BLAS
-as fastbp's kernels, in one compiled call). Also the per-step speed of the
+alone: forward, dW, and dX for all but the first layer, through the same
+product routines as the step, BLAS and the small-layer forward kernel, in one
+compiled call). Also the per-step speed of the
 compiled epoch `fit` runs, and (``--memory``) allocations per step and the
 peak memory of a fit.
 Times are medians of interleaved rounds in one process: this machine's speed
@@ -95,7 +96,8 @@ class NumpyStep:
 
 class GemmFloor:
     """The step's GEMMs alone (forward; dW; dX for all but the first layer), through
-    the BLAS fastbp's kernels call, in one compiled call (`_kernels._gemm_floor`)."""
+    the product routines the step calls (BLAS; small forward products on
+    fastbp's own kernel), in one compiled call (`_kernels._gemm_floor`)."""
 
     def __init__(self, net, batch):
         from . import _kernels
