@@ -36,6 +36,8 @@ sizes = st.integers(1, 9)
 #: batch sizes that also cross the kernels' 64-row softmax chunks
 batches = st.one_of(sizes, st.integers(60, 200))
 seeds = st.integers(0, 2**32 - 1)
+#: layer widths that also reach the small-layer forward kernel (more than 16 outputs)
+widths = st.one_of(sizes, st.integers(17, 40))
 
 
 def draw(rng, shape, dtype, low=None, high=None):
@@ -47,7 +49,7 @@ def draw(rng, shape, dtype, low=None, high=None):
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@given(n=sizes, n_in=sizes, n_out=sizes, seed=seeds)
+@given(n=sizes, n_in=sizes, n_out=widths, seed=seeds)
 def test_dense_forward(impl, dtype, activation, n, n_in, n_out, seed):
     rng = np.random.default_rng(seed)
     X, X64 = draw(rng, (n, n_in), dtype)
@@ -214,7 +216,7 @@ def test_adam_update(impl, dtype, p, seed, steps, betas, weight_decay, decoupled
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=sizes, depth=st.integers(1, 3), width=sizes, n_in=sizes, n_out=sizes, seed=seeds,
+@given(n=sizes, depth=st.integers(1, 3), width=widths, n_in=sizes, n_out=sizes, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
        hidden=st.sampled_from(ACTIVATIONS), output=st.sampled_from(OUTPUT_ACTIVATIONS),
        slack=st.integers(0, 5))
@@ -268,7 +270,7 @@ def test_mlp_gradients_is_the_composition_of_the_kernels():
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), width=sizes, seed=seeds,
+@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), width=widths, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse"]), momentum=st.sampled_from([0.0, 0.9]),
        nesterov=st.booleans(), first_step=st.booleans())
 def test_mlp_sgd_epoch(impl, dtype, n, batch_size, width, seed, loss, momentum, nesterov, first_step):
@@ -323,7 +325,7 @@ def random_network(rng, n, depth, width, loss, mse_output, dtype):
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=st.integers(1, 12), depth=st.integers(0, 3), width=sizes, seed=seeds,
+@given(n=st.integers(1, 12), depth=st.integers(0, 3), width=widths, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
        momentum=st.sampled_from([0.0, 0.9]), dampening=st.sampled_from([0.0, 0.3]),
        nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 0.01]), maximize=st.booleans(),
@@ -391,7 +393,7 @@ ADAM = st.fixed_dictionaries(dict(
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=st.integers(1, 12), depth=st.integers(0, 2), width=sizes, seed=seeds,
+@given(n=st.integers(1, 12), depth=st.integers(0, 2), width=widths, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]), adam=ADAM,
        step=st.integers(1, 50))
 def test_mlp_adam_step(impl, dtype, n, depth, width, seed, loss, adam, step):
@@ -793,7 +795,9 @@ def test_type_stubs_match_the_kernels():
 # ---------------------------------------------------------------------------
 # The forward product of small layers (_smallgemm.h): its own kernel, not BLAS.
 
-SMALL_LEVEL = _kernels._small_gemm_level()
+SMALL_ON = _kernels._small_gemm()
+needs_small_kernel = pytest.mark.skipif(not SMALL_ON, reason="the CPU has no AVX-512: BLAS does "
+                                        "every product")
 # (n, n_in, n_out): row blocks of 6 and 12 and their tails, n_in across the 8 x 8
 # (4 x 4) transposes of the packing and its edges, panels of 1 and 2 vectors and
 # partly filled ones, for both dtypes' vector widths
@@ -804,10 +808,10 @@ SMALL_SHAPES += [(n, n_in, n_out) for n in (128, 131, 140) for n_in in (3, 36, 1
 
 
 @pytest.fixture
-def small_level():
-    """Restores the product's kernel level after a test that changes it."""
+def small_kernel():
+    """Restores the small-product setting after a test that switches it."""
     yield
-    _kernels._small_gemm_level(SMALL_LEVEL)
+    _kernels._small_gemm(SMALL_ON)
 
 
 def test_small_product_takes_the_shapes_it_measured_faster_on():
@@ -818,38 +822,43 @@ def test_small_product_takes_the_shapes_it_measured_faster_on():
                   (32, 0, 64)]:
         assert not _kernels._small_gemm_takes(*shape), shape
     assert _kernels._small_gemm_takes(32, 64, 128) and _kernels._small_gemm_takes(128, 128, 10)
-    with pytest.raises(ValueError, match="level must be 0 to"):
-        _kernels._small_gemm_level(SMALL_LEVEL + 1)
-    assert _kernels._small_gemm_level() == SMALL_LEVEL
 
 
-@pytest.mark.skipif(SMALL_LEVEL == 0, reason="the CPU has no FMA: BLAS does every product")
+def test_small_product_switch(small_kernel):
+    assert _kernels._small_gemm(False) is SMALL_ON
+    assert _kernels._small_gemm() is False
+    if SMALL_ON:
+        assert _kernels._small_gemm(True) is False and _kernels._small_gemm() is True
+    else:
+        with pytest.raises(ValueError, match="needs AVX-512"):
+            _kernels._small_gemm(True)
+        assert _kernels._small_gemm() is False
+
+
+@needs_small_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_small_product_is_accurate_and_the_same_bits_on_every_level(small_level, dtype):
+def test_small_product_is_accurate(small_kernel, dtype):
     rng = np.random.default_rng(7)
     tol = np.finfo(dtype).eps
     for n, n_in, n_out in SMALL_SHAPES:
         X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
-        b = np.zeros(n_out, dtype)
-        results = []
-        for level in range(SMALL_LEVEL, -1, -1):
-            _kernels._small_gemm_level(level)
-            results.append(_kernels.dense_forward(X, W, b, "identity",
-                                                  np.full((n, n_out), np.nan, dtype)))
+        b = rng.normal(size=n_out).astype(dtype)
         exact = X.astype(np.longdouble) @ W.T.astype(np.longdouble)
         scale = np.abs(X.astype(np.float64)) @ np.abs(W.T.astype(np.float64))
-        for level, Z in zip(range(SMALL_LEVEL, -1, -1), results):
-            # a sum of n_in rounded products: within n_in units of rounding of the scale
-            error = np.abs(Z.astype(np.longdouble) - exact)
-            assert (error <= n_in * tol * scale).all(), (level, n, n_in, n_out)
-        # AVX-512 and AVX2 sum each element in the same order with the same FMAs
-        for Z in results[:-1]:
-            assert Z.tobytes() == results[0].tobytes(), (n, n_in, n_out)
+        for on in (True, False):
+            _kernels._small_gemm(on)
+            Z = _kernels.dense_forward(X, W, b, "identity", np.full((n, n_out), np.nan, dtype))
+            # minus the bias, as the kernel adds it: a sum of n_in rounded products
+            # is within n_in units of rounding of the scale
+            error = np.abs((Z - b).astype(np.longdouble) - exact)
+            assert (error <= (n_in + 2) * tol * (scale + np.abs(b))).all(), (on, n, n_in, n_out)
+            relu = _kernels.dense_forward(X, W, b, "relu", np.empty((n, n_out), dtype))
+            assert relu.tobytes() == np.maximum(Z, 0).tobytes()
 
 
-@pytest.mark.skipif(SMALL_LEVEL == 0, reason="the CPU has no FMA: BLAS does every product")
+@needs_small_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_small_product_propagates_nan_and_inf_like_blas(small_level, dtype):
+def test_small_product_propagates_nan_and_inf_like_blas(small_kernel, dtype):
     n, n_in, n_out = 13, 9, 33
     X = np.ones((n, n_in), dtype)
     W = np.ones((n_out, n_in), dtype)
@@ -857,27 +866,10 @@ def test_small_product_propagates_nan_and_inf_like_blas(small_level, dtype):
     W[5, 3] = 0.0  # inf * 0: NaN
     W[7, 0] = -1.0  # -inf * -1: +inf
     out = {}
-    for level in (SMALL_LEVEL, 0):
-        _kernels._small_gemm_level(level)
-        out[level] = _kernels.dense_forward(X, W, np.zeros(n_out, dtype), "identity",
-                                            np.empty((n, n_out), dtype))
-    assert np.isnan(out[SMALL_LEVEL][0, 5]) and out[SMALL_LEVEL][0, 4] == np.inf
-    assert np.isnan(out[SMALL_LEVEL][1]).all() and out[SMALL_LEVEL][2, 7] == np.inf
-    np.testing.assert_array_equal(out[SMALL_LEVEL], out[0])  # NaNs in the same places
-
-
-@pytest.mark.skipif(SMALL_LEVEL < 2, reason="needs AVX-512 and AVX2 to compare them")
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_small_product_levels_train_to_the_same_bits(small_level, dtype):
-    # whole fits on the digits shapes, where the forward product of the hidden
-    # layer is the kernel's: AVX-512 and AVX2 must agree bit for bit
-    rng = np.random.default_rng(3)
-    X = rng.normal(size=(200, 64)).astype(dtype)
-    y = rng.integers(0, 10, 200)
-    params = []
-    for level in (2, 1):
-        _kernels._small_gemm_level(level)
-        net = fastbp.MLP([64, 128, 40, 10], activation="tanh", seed=0, dtype=dtype)
-        net.fit(X, y, epochs=3, batch_size=32, optimizer=fastbp.SGD(net.params, lr=0.05, momentum=0.9))
-        params.append(net.params.copy())
-    assert params[0].tobytes() == params[1].tobytes()
+    for on in (True, False):
+        _kernels._small_gemm(on)
+        out[on] = _kernels.dense_forward(X, W, np.zeros(n_out, dtype), "identity",
+                                         np.empty((n, n_out), dtype))
+    assert np.isnan(out[True][0, 5]) and out[True][0, 4] == np.inf
+    assert np.isnan(out[True][1]).all() and out[True][2, 7] == np.inf
+    np.testing.assert_array_equal(out[True], out[False])  # NaNs in the same places

@@ -98,7 +98,7 @@ cdef extern from "_vecmath.h" nogil:
 
 # The forward product of small layers without BLAS (_smallgemm.h says why).
 cdef extern from "_smallgemm.h" nogil:
-    int fbp_tn_level
+    int fbp_tn_on
     int fbp_tn_init()
     int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
@@ -247,24 +247,23 @@ cdef inline void _forward_product(const floating* X, const floating* W, floating
           <int>n_out)
 
 
-def _small_gemm_level(level=None):
-    """The forward product's kernel: 2 (AVX-512), 1 (AVX2 and FMA) or 0 (BLAS only).
-    With an argument, sets it (tests and benchmarks compare the paths; at most what
-    the CPU has) and returns the previous level."""
-    cdef int previous = fbp_tn_level, best
-    global fbp_tn_level
-    if level is not None:
-        best = fbp_tn_init()
-        if not 0 <= level <= best:
-            fbp_tn_level = previous
-            raise ValueError(f"level must be 0 to {best} on this CPU, got {level!r}")
-        fbp_tn_level = level
-    return previous
+def _small_gemm(enabled=None):
+    """Whether small forward products run on _smallgemm.h's kernel (needs AVX-512)
+    rather than BLAS. With an argument, switches it (tests and benchmarks compare
+    the two) and returns the previous setting."""
+    cdef bint previous = fbp_tn_on
+    global fbp_tn_on
+    if enabled is not None:
+        if enabled and not fbp_tn_init():
+            fbp_tn_on = previous
+            raise ValueError("the small-product kernel needs AVX-512, which this CPU lacks")
+        fbp_tn_on = bool(enabled)
+    return bool(previous)
 
 
 def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out):
-    """Whether the forward product of this shape runs on _smallgemm.h's kernel (at
-    a level above 0) rather than BLAS."""
+    """Whether the forward product of this shape runs on _smallgemm.h's kernel
+    (when it is on) rather than BLAS."""
     return bool(fbp_tn_takes(n, n_in, n_out))
 
 

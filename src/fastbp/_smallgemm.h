@@ -12,10 +12,12 @@
  * product, its packing included. fbp_tn_takes says where it is used.
  *
  * Each element is summed in the order k = 0, 1, ..., n_in - 1 by fused
- * multiply-adds, z = fma(x[k], w[k], z) from z = 0, so the AVX-512 and AVX2
- * versions give the same bits. CPUs without FMA (x86-64 before 2013) and
- * other architectures use BLAS: fbp_tn_* returns 0 and the caller calls
- * sgemm/dgemm, as it does for n_in > FBP_TN_MAX_K, where BLAS is the faster.
+ * multiply-adds, z = fma(x[k], w[k], z) from z = 0. The kernel needs
+ * AVX-512 (checked when the module loads); elsewhere fbp_tn_* returns 0 and
+ * the caller calls sgemm/dgemm. An AVX2 version of the same kernel, timed on
+ * this AVX-512 machine against OpenBLAS's AVX2 (Haswell) kernels, won on
+ * 32-row batches and lost 0.73-0.95x on larger ones, so AVX2 machines keep
+ * BLAS.
  */
 #ifndef FASTBP_SMALLGEMM_H
 #define FASTBP_SMALLGEMM_H
@@ -36,8 +38,9 @@
 /* P[k * pw + jj] = W[jj * n_in + k] for jj < w, and 0 for w <= jj < pw: rows
  * of W into columns of the panel P. Blocks of 8 x 8 floats (4 x 4 doubles)
  * are transposed in registers (a scalar copy cost as much as the product on
- * a 32-row batch); the edges are copied one by one. */
-__attribute__((target("avx2")))
+ * a 32-row batch; AVX's 256-bit shuffles suffice); the edges are copied one
+ * by one. */
+__attribute__((target("avx512f")))
 static void fbp_pack_f32(const float *W, ptrdiff_t n_in, ptrdiff_t w, float *P, ptrdiff_t pw)
 {
     ptrdiff_t jj = 0, k;
@@ -78,7 +81,7 @@ static void fbp_pack_f32(const float *W, ptrdiff_t n_in, ptrdiff_t w, float *P, 
     }
 }
 
-__attribute__((target("avx2")))
+__attribute__((target("avx512f")))
 static void fbp_pack_f64(const double *W, ptrdiff_t n_in, ptrdiff_t w, double *P, ptrdiff_t pw)
 {
     ptrdiff_t jj = 0, k;
@@ -107,7 +110,7 @@ static void fbp_pack_f64(const double *W, ptrdiff_t n_in, ptrdiff_t w, double *P
     }
 }
 
-/* One kernel per (ISA, dtype). V: the vector type, L: its lanes; a panel is
+/* One kernel per dtype. V: the vector type, L: its lanes; a panel is
  * 2 vectors wide (PW = 2 L columns). LOAD/SET1/FMA/ZERO: the intrinsics;
  * STORE(p, v, w): the first w lanes of v to p. */
 #define FBP_DEFINE_TN(NAME, T, V, L, TARGET, LOAD, SET1, FMA, ZERO, STORE, PACK)                  \
@@ -190,37 +193,20 @@ static void NAME(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,     
 
 #define FBP_STORE512_PS(p, v, w) _mm512_mask_storeu_ps((p), (__mmask16)((1u << (w)) - 1u), (v))
 #define FBP_STORE512_PD(p, v, w) _mm512_mask_storeu_pd((p), (__mmask8)((1u << (w)) - 1u), (v))
-/* AVX2 has masked stores too, with the mask as a vector of lane indices < w. */
-#define FBP_STORE256_PS(p, v, w)                                                         \
-    _mm256_maskstore_ps((p), _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(w)),              \
-                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (v))
-#define FBP_STORE256_PD(p, v, w)                                                         \
-    _mm256_maskstore_pd((p), _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(w)),       \
-                                                _mm256_setr_epi64x(0, 1, 2, 3)), (v))
 
 FBP_DEFINE_TN(fbp_tn512_f32, float, __m512, 16, "avx512f", _mm512_load_ps, _mm512_set1_ps,
               _mm512_fmadd_ps, _mm512_setzero_ps, FBP_STORE512_PS, fbp_pack_f32)
 FBP_DEFINE_TN(fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_load_pd, _mm512_set1_pd,
               _mm512_fmadd_pd, _mm512_setzero_pd, FBP_STORE512_PD, fbp_pack_f64)
-FBP_DEFINE_TN(fbp_tn256_f32, float, __m256, 8, "avx2,fma", _mm256_load_ps, _mm256_set1_ps,
-              _mm256_fmadd_ps, _mm256_setzero_ps, FBP_STORE256_PS, fbp_pack_f32)
-FBP_DEFINE_TN(fbp_tn256_f64, double, __m256d, 4, "avx2,fma", _mm256_load_pd, _mm256_set1_pd,
-              _mm256_fmadd_pd, _mm256_setzero_pd, FBP_STORE256_PD, fbp_pack_f64)
-
-/* 2: AVX-512, 1: AVX2 and FMA, 0: neither (BLAS does the product). Set once,
- * when the module loads (fbp_tn_init); 0 also switches the kernel off. */
-static int fbp_tn_level = 0;
+/* 1: the CPU has AVX-512 and the kernel is on; 0: BLAS does every product.
+ * Set when the module loads (fbp_tn_init); tests and benchmarks switch it. */
+static int fbp_tn_on = 0;
 
 static int fbp_tn_init(void)
 {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        fbp_tn_level = 2;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        fbp_tn_level = 1;
-    else
-        fbp_tn_level = 0;
-    return fbp_tn_level;
+    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return fbp_tn_on;
 }
 
 /* Whether this kernel beats OpenBLAS on the shape (measured on an AVX-512
@@ -240,34 +226,25 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out)
 static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out)
 {
-    if (!fbp_tn_takes(n, n_in, n_out))
+    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))
         return 0;
-    if (fbp_tn_level == 2)
-        fbp_tn512_f32(X, W, Z, n, n_in, n_out);
-    else if (fbp_tn_level == 1)
-        fbp_tn256_f32(X, W, Z, n, n_in, n_out);
-    else
-        return 0;
+    fbp_tn512_f32(X, W, Z, n, n_in, n_out);
     return 1;
 }
 
 static int fbp_tn_f64(const double *X, const double *W, double *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out)
 {
-    if (!fbp_tn_takes(n, n_in, n_out))
+    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))
         return 0;
-    if (fbp_tn_level == 2)
-        fbp_tn512_f64(X, W, Z, n, n_in, n_out);
-    else if (fbp_tn_level == 1)
-        fbp_tn256_f64(X, W, Z, n, n_in, n_out);
-    else
-        return 0;
+    fbp_tn512_f64(X, W, Z, n, n_in, n_out);
     return 1;
 }
 
 #else /* not x86-64 with GCC or clang: BLAS does every product */
 
-static int fbp_tn_level = 0;
+static int fbp_tn_on = 0;
+static int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out) { return 0; }
 static int fbp_tn_init(void) { return 0; }
 static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out) { return 0; }
