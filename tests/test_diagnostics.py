@@ -83,3 +83,57 @@ def test_history_records_diagnostics_and_update_ratio():
     for l in range(2):
         assert ratio[l] == pytest.approx(np.linalg.norm(net.weights[l] - W0[l]) / np.linalg.norm(W0[l]))
     assert net.fit(X, y, epochs=1, diagnostics=False).diagnostics == [None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("moved", [True, False])
+def test_compiled_layer_sums_match_their_numpy_specification(dtype, moved):
+    from fastbp import _kernels
+    from fastbp.diagnostics import SATURATION_FRACTION, _layer_sums_numpy
+
+    rng = np.random.default_rng(5)
+    sizes = (13, 37, 9, 21, 5, 3)
+    activations = ("sigmoid", "relu", "tanh", "leaky_relu")  # the hidden layers
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    for n in (0, 1, 7, 40):
+        params = rng.normal(size=n_params).astype(dtype)
+        before = (params + rng.normal(scale=0.1, size=n_params)).astype(dtype)
+        grad = rng.normal(size=n_params).astype(dtype)
+        A = rng.normal(size=n * sum(sizes[1:]) + 3).astype(dtype)
+        # saturated sigmoid and tanh outputs near 0 and +-1, a dead relu unit, and
+        # a NaN (not dead: NumPy's max propagates it)
+        A[:n * 37].reshape(-1)[::3] = np.array(1.0, dtype) - np.array(1e-4, dtype)
+        A[:n * 37] = np.abs(A[:n * 37]) % 1
+        # and sigmoid outputs whose derivative is exactly the threshold (not saturated)
+        ints = np.int32 if dtype == np.float32 else np.int64
+        root = (1 - np.sqrt(1 - 4 * SATURATION_FRACTION * 0.25)) / 2  # of a (1 - a) = threshold
+        guess = (np.array([root], dtype).view(ints) + np.arange(-10**4, 10**4)).view(dtype)
+        edge = guess[guess * (1 - guess) == dtype(SATURATION_FRACTION * 0.25)]
+        assert edge.size
+        A[1:n * 37:5] = edge[0]
+        relu = A[n * 37:n * 46].reshape(n, 9)
+        relu[...] = np.abs(relu) + 0.1
+        relu[:, 2] = -relu[:, 2]
+        relu[:, 4] = 0
+        relu[:, 5] = -1
+        if n:
+            relu[n - 1, 5] = np.nan
+        tanh = A[n * 46:n * 67].reshape(n, 21)
+        tanh[:, :5] = np.array([0.9999, -0.9999, 0.995, 0.994, 0.5], dtype)
+        args = (params, before, grad, A, n, sizes, activations, moved, SATURATION_FRACTION)
+        compiled, spec = _kernels._layer_sums(*args), _layer_sums_numpy(*args)
+        assert compiled.shape == spec.shape == (5, 5) and compiled.dtype == np.float64
+        # counts exactly; sums of squares to float64 rounding (summed in another order)
+        np.testing.assert_array_equal(compiled[:, 3:], spec[:, 3:])
+        np.testing.assert_allclose(compiled[:, :3], spec[:, :3], rtol=1e-12)
+        if n:
+            assert compiled[1, 4] == 2 and compiled[0, 3] > 0 and compiled[2, 3] >= 2 * n
+        assert (compiled[:, 2] > 0).all() if moved else (compiled[:, 2] == 0).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels._layer_sums(params[:-1], before, grad, A, n, sizes, activations, True, 0.01)
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels._layer_sums(params, before, grad, A[:10], n, sizes, activations, True, 0.01)
+    with pytest.raises(ValueError, match="describe"):
+        _kernels._layer_sums(params, before, grad, A, n, sizes, activations[:-1], True, 0.01)
+    with pytest.raises(ValueError, match="activation"):
+        _kernels._layer_sums(params, before, grad, A, n, sizes, ("softplus",) * 4, True, 0.01)

@@ -270,7 +270,7 @@ def test_mlp_gradients_is_the_composition_of_the_kernels():
 
 
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
-@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), width=widths, seed=seeds,
+@given(n=st.integers(1, 30), batch_size=st.integers(1, 12), width=sizes, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse"]), momentum=st.sampled_from([0.0, 0.9]),
        nesterov=st.booleans(), first_step=st.booleans())
 def test_mlp_sgd_epoch(impl, dtype, n, batch_size, width, seed, loss, momentum, nesterov, first_step):

@@ -80,6 +80,10 @@ cdef extern from "_vecmath.h" nogil:
     void fbp_act_backward_f64(const double* A, const double* dA, double* out, Py_ssize_t size,
                               int act, double slope)
     void fbp_column_sums_f32(const float* M, float* out, Py_ssize_t n, Py_ssize_t m)
+    double fbp_sum_squares_f32(const float* a, const float* b, Py_ssize_t size, int sub)
+    double fbp_sum_squares_f64(const double* a, const double* b, Py_ssize_t size, int sub)
+    Py_ssize_t fbp_count_saturated_f32(const float* A, Py_ssize_t size, int act, float below)
+    Py_ssize_t fbp_count_saturated_f64(const double* A, Py_ssize_t size, int act, double below)
     void fbp_column_sums_f64(const double* M, double* out, Py_ssize_t n, Py_ssize_t m)
     void fbp_sgd_f32(float* param, const float* grad, float* buf, Py_ssize_t size, float lr,
                      float momentum, float dampening_complement, int nesterov,
@@ -1489,6 +1493,79 @@ def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple size
             if l > 0:
                 _gemm(c'N', c'N', <int>n, <int>n_in, <int>n_out, 1, &A[0] + a_off[l], <int>n_out,
                       &params[0] + w_off[l], <int>n_in, 0, &D[0] + a_off[l - 1], <int>n_in)
+
+
+# ---------------------------------------------------------------------------
+# Per-layer sums for fastbp.diagnostics (not part of the kernel API)
+
+cdef double _sum_squares(const floating* a, const floating* b, Py_ssize_t size,
+                         bint sub) noexcept nogil:
+    if floating is float:
+        return fbp_sum_squares_f32(a, b, size, sub)
+    else:
+        return fbp_sum_squares_f64(a, b, size, sub)
+
+
+def _layer_sums(const floating[::1] params, const floating[::1] before,
+                const floating[::1] grad, const floating[::1] A, Py_ssize_t n, tuple sizes,
+                tuple activations, bint moved, double saturation_fraction):
+    """What `fastbp.diagnostics.layer_statistics` needs, in one pass without the GIL
+    (its `_layer_sums_numpy` is the specification). Row l of the returned (n_layers,
+    5) float64 array: the sum of squares of layer l's gradient (W and b), of its W in
+    `before`, of its W's change ``params - before`` (when `moved`; else 0), the
+    count of saturated activations (sigmoid, tanh) and of dead units (relu; the
+    activation is 0 or less on all n rows). A holds the activations of n rows in
+    `mlp_gradients`' layout; activations[l] names hidden layer l's activation."""
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l, i, j, n_in, n_out, lo, w_end
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef Py_ssize_t w_off[MAX_LAYERS + 1]
+    cdef Py_ssize_t a_off[MAX_LAYERS]
+    cdef int codes[MAX_LAYERS]
+    if not 1 <= n_layers <= MAX_LAYERS or len(activations) != n_layers - 1 or n < 0:
+        raise ValueError("sizes, activations and n do not describe a network and batch")
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+        if c_sizes[l] < 1:
+            raise ValueError(f"sizes must be positive, got {sizes!r}")
+    for l in range(n_layers):
+        codes[l] = _activation_code(activations[l], ACTIVATIONS) if l < n_layers - 1 else -1
+    _layer_offsets(n, n_layers, c_sizes, w_off, a_off)
+    if (params.shape[0] != w_off[n_layers] or before.shape[0] != w_off[n_layers]
+            or grad.shape[0] != w_off[n_layers]
+            or A.shape[0] < a_off[n_layers - 1] + n * c_sizes[n_layers]):
+        raise ValueError("params, before, grad or A do not fit the sizes")
+    cdef cnp.npy_intp dims[2]
+    dims[0], dims[1] = n_layers, 5
+    out = cnp.PyArray_ZEROS(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef double[:, ::1] o = out
+    cdef const floating* a
+    cdef floating below
+    with nogil:
+        for l in range(n_layers):
+            n_in, n_out = c_sizes[l], c_sizes[l + 1]
+            lo, w_end = w_off[l], w_off[l] + n_out * n_in
+            o[l, 0] = _sum_squares(&grad[lo], NULL, w_off[l + 1] - lo, False)
+            o[l, 1] = _sum_squares(&before[lo], NULL, w_end - lo, False)
+            if moved:
+                o[l, 2] = _sum_squares(&params[lo], &before[lo], w_end - lo, True)
+            if n == 0:
+                continue
+            a = &A[0] + a_off[l]
+            if codes[l] == SIGMOID or codes[l] == TANH:
+                # the same threshold in T as NumPy's comparison with a Python float
+                below = <floating>(saturation_fraction * (0.25 if codes[l] == SIGMOID else 1.0))
+                if floating is float:
+                    o[l, 3] = fbp_count_saturated_f32(a, n * n_out, codes[l], below)
+                else:
+                    o[l, 3] = fbp_count_saturated_f64(a, n * n_out, codes[l], below)
+            elif codes[l] == RELU:
+                for j in range(n_out):
+                    for i in range(n):
+                        if not a[i * n_out + j] <= 0:
+                            break
+                    else:
+                        o[l, 4] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------

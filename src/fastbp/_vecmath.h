@@ -226,6 +226,9 @@ FBP_CLONES static int fbp_all_finite_##S(const T *x, ptrdiff_t n)               
 FBP_DEFINE_SCANS(float, f32, uint32_t, 23, 0xffu)
 FBP_DEFINE_SCANS(double, f64, uint64_t, 52, 0x7ffu)
 
+/* 8 doubles: the lanes of fbp_sum_squares_* (below). */
+typedef double fbp_v8d __attribute__((vector_size(64)));
+
 /* Activation codes, in the order of fastbp._checks.ACTIVATIONS (_kernels.pyx
  * takes its names for them from here). */
 enum { FBP_IDENTITY = 0, FBP_SIGMOID = 1, FBP_TANH = 2, FBP_RELU = 3, FBP_LEAKY_RELU = 4 };
@@ -315,6 +318,54 @@ FBP_CLONES static void fbp_column_sums_##S(const T *M, T *out, ptrdiff_t n, ptrd
         for (ptrdiff_t j = 0; j < m; j++)                                                \
             out[j] += row[j];                                                            \
     }                                                                                    \
+}                                                                                        \
+                                                                                         \
+/* Sums of squares for fastbp.diagnostics, in double, over 8 lanes (element i  \
+ * goes to lane i mod 8; the lanes are added in a fixed order at the end), so   \
+ * that every clone gives the same bits. GCC's vector types make the 8 lanes    \
+ * explicit (a plain loop over them did not vectorise: 0.65 ns per element).   \
+ * sub: the sum of (a[i] - b[i])^2 with the difference rounded to T first, as  \
+ * NumPy's a - b is. */                                                           \
+typedef T fbp_v8_##S __attribute__((vector_size(8 * sizeof(T))));                       \
+FBP_CLONES static double fbp_sum_squares_##S(const T *a, const T *b, ptrdiff_t size,    \
+                                             int sub)                                    \
+{                                                                                        \
+    fbp_v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};                                              \
+    ptrdiff_t i = 0;                                                                     \
+    for (; i + 8 <= size; i += 8) {                                                      \
+        fbp_v8_##S va, vb;                                                               \
+        memcpy(&va, a + i, sizeof va);                                                   \
+        if (sub) {                                                                       \
+            memcpy(&vb, b + i, sizeof vb);                                               \
+            va = va - vb;                                                                \
+        }                                                                                \
+        fbp_v8d x = __builtin_convertvector(va, fbp_v8d);                                \
+        acc += x * x;                                                                    \
+    }                                                                                    \
+    double lane[8];                                                                      \
+    memcpy(lane, &acc, sizeof lane);                                                     \
+    for (int j = 0; i < size; i++, j++) {                                                \
+        double x = sub ? (double)(T)(a[i] - b[i]) : (double)a[i];                        \
+        lane[j] += x * x;                                                                \
+    }                                                                                    \
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +                                 \
+           ((lane[4] + lane[5]) + (lane[6] + lane[7]));                                  \
+}                                                                                        \
+                                                                                         \
+/* How many activations A (sigmoid or tanh outputs) have a derivative below     \
+ * `below`: A * (1 - A) for sigmoid, 1 - A * A for tanh, computed in T. */      \
+FBP_CLONES static ptrdiff_t fbp_count_saturated_##S(const T *A, ptrdiff_t size, int act,  \
+                                                    T below)                             \
+{                                                                                        \
+    ptrdiff_t count = 0;                                                                 \
+    if (act == FBP_SIGMOID) {                                                            \
+        for (ptrdiff_t i = 0; i < size; i++)                                             \
+            count += A[i] * ((T)1 - A[i]) < below;                                       \
+    } else {                                                                             \
+        for (ptrdiff_t i = 0; i < size; i++)                                             \
+            count += (T)1 - A[i] * A[i] < below;                                         \
+    }                                                                                    \
+    return count;                                                                        \
 }                                                                                        \
                                                                                          \
 static inline void fbp_sgd_span_##S(T *param, const T *grad, T *buf, ptrdiff_t size,    \

@@ -27,33 +27,52 @@ def layer_statistics(net, X, y, before=None):
         sample of the batch; None for other layers.
     """
     grad = np.empty_like(net.params)
-    net._loss_and_gradients(X, y, grad)
-    acts, _ = net._workspace(X.shape[0])  # the activations of that forward pass
-    moved = None if before is None else net.params - before
+    net._loss_and_gradients(X, y, grad)  # leaves the batch's activations in net._A
+    n = X.shape[0]
+    # the compiled backend sums everything in one call (fit runs this every epoch)
+    layer_sums = getattr(net._kernels, "_layer_sums", _layer_sums_numpy)
+    sums = layer_sums(net.params, net.params if before is None else before, grad, net._A, n,
+                      net.sizes, net.activations, before is not None, SATURATION_FRACTION)
     stats = {"grad_norm": [], "update_ratio": [], "saturated": [], "dead": []}
-    start = 0
-    for l, (n_in, n_out) in enumerate(zip(net.sizes[:-1], net.sizes[1:])):
+    for l, (grad_sq, base, moved, saturated, dead) in enumerate(sums.tolist()):
+        stats["grad_norm"].append(np.sqrt(grad_sq))
+        stats["update_ratio"].append(None if before is None or not base > 0
+                                     else np.sqrt(moved / base))
+        act = net.activations[l] if l < net.n_layers - 1 else None
+        n_out = net.sizes[l + 1]
+        stats["saturated"].append(saturated / (n * n_out) if act in ("sigmoid", "tanh") else None)
+        stats["dead"].append(dead / n_out if act == "relu" else None)
+    return stats
+
+
+def _layer_sums_numpy(params, before, grad, A, n, sizes, activations, moved,
+                      saturation_fraction):
+    """The specification of `fastbp._kernels._layer_sums`: per layer l, row l of a
+    (n_layers, 5) float64 array holds the sum of squares of its gradient (W and b),
+    of its W in `before`, of its W's change ``params - before`` (if `moved`, else
+    0), the number of saturated activations (sigmoid, tanh hidden layers) and of
+    dead units (relu hidden layers: 0 or less on all n rows). A is the flat
+    activation workspace in `mlp_gradients`' layout."""
+    out = np.zeros((len(sizes) - 1, 5))
+    start = a_start = 0
+    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         # a layer's W and b are one contiguous span of the flat layout
         w_end, end = start + n_out * n_in, start + (n_in + 1) * n_out
-        g = grad[start:end]
-        stats["grad_norm"].append(float(np.sqrt(np.dot(g, g))))
-        if moved is not None:
-            w0, dw = before[start:w_end], moved[start:w_end]
-            base = float(np.dot(w0, w0))
-            stats["update_ratio"].append(float(np.sqrt(np.dot(dw, dw) / base)) if base > 0 else None)
-        else:
-            stats["update_ratio"].append(None)
-        start = end
-        act = net.activations[l] if l < net.n_layers - 1 else None
-        A = acts[l]
+        g, w0 = grad[start:end].astype(np.float64), before[start:w_end].astype(np.float64)
+        out[l, 0], out[l, 1] = np.dot(g, g), np.dot(w0, w0)
+        if moved:
+            dw = (params[start:w_end] - before[start:w_end]).astype(np.float64)
+            out[l, 2] = np.dot(dw, dw)
+        act = activations[l] if l < len(sizes) - 2 else None
+        acts = A[a_start:a_start + n * n_out].reshape(n, n_out)
         if act == "sigmoid":
-            stats["saturated"].append(float(np.count_nonzero(A * (1 - A) < SATURATION_FRACTION * 0.25)) / A.size)
+            out[l, 3] = np.count_nonzero(acts * (1 - acts) < saturation_fraction * 0.25)
         elif act == "tanh":
-            stats["saturated"].append(float(np.count_nonzero(1 - A * A < SATURATION_FRACTION)) / A.size)
-        else:
-            stats["saturated"].append(None)
-        stats["dead"].append(float(np.count_nonzero(A.max(axis=0) <= 0)) / n_out if act == "relu" else None)
-    return stats
+            out[l, 3] = np.count_nonzero(1 - acts * acts < saturation_fraction)
+        elif act == "relu" and n:
+            out[l, 4] = np.count_nonzero(acts.max(axis=0) <= 0)
+        start, a_start = end, a_start + n * n_out
+    return out
 
 
 def gradcheck(net, X, y, eps=1e-6):
