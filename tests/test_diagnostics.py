@@ -53,6 +53,8 @@ def test_gradient_norms_match_gradients(backend):
     for l in range(3):
         assert stats["grad_norm"][l] == pytest.approx(np.sqrt((dW[l] ** 2).sum() + (db[l] ** 2).sum()))
     assert stats["update_ratio"] == [None] * 3
+    assert all(type(v) is float for key in ("grad_norm", "saturated") for v in stats[key]
+               if v is not None)  # plain floats: History records go to JSON
     assert stats["saturated"][0] is None and stats["saturated"][1] is not None
     assert stats["dead"][0] is not None and stats["dead"][1] is None and stats["dead"][2] is None
 

@@ -1,6 +1,8 @@
 """What happens inside a network: per-layer gradient norms, update sizes, saturated
 and dead units, and a finite-difference check of the gradients."""
 
+import math
+
 import numpy as np
 
 #: A sigmoid or tanh unit counts as saturated where its derivative is below
@@ -35,9 +37,9 @@ def layer_statistics(net, X, y, before=None):
                       net.sizes, net.activations, before is not None, SATURATION_FRACTION)
     stats = {"grad_norm": [], "update_ratio": [], "saturated": [], "dead": []}
     for l, (grad_sq, base, moved, saturated, dead) in enumerate(sums.tolist()):
-        stats["grad_norm"].append(np.sqrt(grad_sq))
+        stats["grad_norm"].append(math.sqrt(grad_sq))
         stats["update_ratio"].append(None if before is None or not base > 0
-                                     else np.sqrt(moved / base))
+                                     else math.sqrt(moved / base))
         act = net.activations[l] if l < net.n_layers - 1 else None
         n_out = net.sizes[l + 1]
         stats["saturated"].append(saturated / (n * n_out) if act in ("sigmoid", "tanh") else None)
