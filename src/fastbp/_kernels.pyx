@@ -62,6 +62,10 @@ cdef extern from "_vecmath.h" nogil:
     float fbp_sigmoid1_f32(float z)
     double fbp_sigmoid1_f64(double z)
     void fbp_sigmoid_f32(float* z, Py_ssize_t n)
+    void fbp_softmax_rows_f32(const float* Z, float* out, Py_ssize_t n, Py_ssize_t k,
+                              float* lse)
+    void fbp_softmax_rows_f64(const double* Z, double* out, Py_ssize_t n, Py_ssize_t k,
+                              double* lse)
     void fbp_sigmoid_f64(double* z, Py_ssize_t n)
     void fbp_tanh_f32(float* z, Py_ssize_t n)
     void fbp_tanh_f64(double* z, Py_ssize_t n)
@@ -487,39 +491,15 @@ cdef enum:
     SOFTMAX_CHUNK = 64
 
 
-cdef void _softmax_rows(const floating* Z, floating* out, Py_ssize_t n, Py_ssize_t k,
-                        floating* lse) noexcept nogil:
+cdef inline void _softmax_rows(const floating* Z, floating* out, Py_ssize_t n, Py_ssize_t k,
+                               floating* lse) noexcept nogil:
     """Row-wise softmax of Z (n, k) into out (which may be Z); when lse is not NULL,
-    lse[i] = log(sum(exp(Z[i]))) (n values)."""
-    cdef Py_ssize_t i, j
-    cdef floating m, s
-    cdef const floating* z
-    cdef floating* o
-    # every row shifted by its max, then one vectorised exp over the whole
-    # block, then the row sums in the order _softmax_row takes them
-    for i in range(n):
-        z, o = Z + i * k, out + i * k
-        m = z[0]
-        for j in range(1, k):
-            if z[j] > m:
-                m = z[j]
-        for j in range(k):
-            o[j] = z[j] - m
-        if lse != NULL:
-            lse[i] = m
+    lse[i] = log(sum(exp(Z[i]))) (n values). _vecmath.h's loop: the same steps as
+    _softmax_row, its exp vectorised over the block."""
     if floating is float:
-        fbp_exp_f32(out, n * k)
+        fbp_softmax_rows_f32(Z, out, n, k, lse)
     else:
-        fbp_exp_f64(out, n * k)
-    for i in range(n):
-        o = out + i * k
-        s = 0
-        for j in range(k):
-            s += o[j]
-        for j in range(k):
-            o[j] = o[j] / s
-        if lse != NULL:
-            lse[i] = _log(s) + lse[i]
+        fbp_softmax_rows_f64(Z, out, n, k, lse)
 
 
 def _softmax(const floating[:, ::1] Z, floating[:, ::1] out):

@@ -128,8 +128,92 @@ FBP_CLONES static void fbp_sigmoid_##S(T *z, ptrdiff_t n)                       
         z[i] = fbp_sigmoid1_##S(z[i]);                                                   \
 }
 
+/* Row-wise softmax of Z (n, k) into out (which may be Z): every row shifted by
+ * its max, one vectorised exp over the whole block, then each row divided by
+ * its sum, taken left to right (4 rows at a time, so that their 4 chains of
+ * additions overlap: the order within a row is unchanged). When lse is not
+ * NULL, lse[i] = log(sum(exp(Z[i]))) (libm's log, once per row). */
+#define FBP_SOFTMAX_NARROW 16
+#define FBP_DEFINE_SOFTMAX(T, S, LOG, EXPF)                                                 \
+FBP_CLONES static void fbp_softmax_rows_##S(const T *Z, T *out, ptrdiff_t n, ptrdiff_t k,  \
+                                            T *lse)                                      \
+{                                                                                        \
+    if (k <= FBP_SOFTMAX_NARROW) {                                                       \
+        /* blocks of 16 rows transposed, so that every step runs across 16 rows */       \
+        T t[FBP_SOFTMAX_NARROW][16], m[16], s[16];                                       \
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {                                       \
+            int R = n - i0 < 16 ? (int)(n - i0) : 16;                                    \
+            const T *z = Z + i0 * k;                                                     \
+            for (int r = 0; r < 16; r++)                                                 \
+                for (ptrdiff_t j = 0; j < k; j++)                                        \
+                    t[j][r] = r < R ? z[r * k + j] : 0;                                  \
+            for (int r = 0; r < 16; r++)                                                 \
+                m[r] = t[0][r];                                                          \
+            for (ptrdiff_t j = 1; j < k; j++)                                            \
+                for (int r = 0; r < 16; r++)                                             \
+                    m[r] = t[j][r] > m[r] ? t[j][r] : m[r];                              \
+            for (ptrdiff_t j = 0; j < k; j++)                                            \
+                for (int r = 0; r < 16; r++)                                             \
+                    t[j][r] = EXPF(t[j][r] - m[r]);                                      \
+            for (int r = 0; r < 16; r++)                                                 \
+                s[r] = 0;                                                                \
+            for (ptrdiff_t j = 0; j < k; j++)                                            \
+                for (int r = 0; r < 16; r++)                                             \
+                    s[r] += t[j][r];                                                     \
+            for (ptrdiff_t j = 0; j < k; j++)                                            \
+                for (int r = 0; r < 16; r++)                                             \
+                    t[j][r] = t[j][r] / s[r];                                            \
+            T *o = out + i0 * k;                                                         \
+            for (int r = 0; r < R; r++) {                                                \
+                for (ptrdiff_t j = 0; j < k; j++)                                        \
+                    o[r * k + j] = t[j][r];                                              \
+                if (lse != NULL)                                                         \
+                    lse[i0 + r] = LOG(s[r]) + m[r];                                      \
+            }                                                                            \
+        }                                                                                \
+        return;                                                                          \
+    }                                                                                    \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+        const T *z = Z + i * k;                                                          \
+        T *o = out + i * k;                                                              \
+        T m = z[0];                                                                      \
+        for (ptrdiff_t j = 1; j < k; j++)                                                \
+            m = z[j] > m ? z[j] : m;                                                     \
+        for (ptrdiff_t j = 0; j < k; j++)                                                \
+            o[j] = z[j] - m;                                                             \
+        if (lse != NULL)                                                                 \
+            lse[i] = m;                                                                  \
+    }                                                                                    \
+    fbp_exp_##S(out, n * k);                                                             \
+    ptrdiff_t i = 0;                                                                     \
+    for (; i + 4 <= n; i += 4) {                                                         \
+        T *o = out + i * k;                                                              \
+        T s[4] = {0, 0, 0, 0};                                                           \
+        for (ptrdiff_t j = 0; j < k; j++)                                                \
+            for (int r = 0; r < 4; r++)                                                  \
+                s[r] += o[r * k + j];                                                    \
+        for (int r = 0; r < 4; r++) {                                                    \
+            for (ptrdiff_t j = 0; j < k; j++)                                            \
+                o[r * k + j] = o[r * k + j] / s[r];                                      \
+            if (lse != NULL)                                                             \
+                lse[i + r] = LOG(s[r]) + lse[i + r];                                     \
+        }                                                                                \
+    }                                                                                    \
+    for (; i < n; i++) {                                                                 \
+        T *o = out + i * k, s = 0;                                                       \
+        for (ptrdiff_t j = 0; j < k; j++)                                                \
+            s += o[j];                                                                   \
+        for (ptrdiff_t j = 0; j < k; j++)                                                \
+            o[j] = o[j] / s;                                                             \
+        if (lse != NULL)                                                                 \
+            lse[i] = LOG(s) + lse[i];                                                    \
+    }                                                                                    \
+}
+
 FBP_DEFINE_EXP_LOOPS(float, f32, fbp_expf)
 FBP_DEFINE_EXP_LOOPS(double, f64, fbp_exp)
+FBP_DEFINE_SOFTMAX(float, f32, logf, fbp_expf)
+FBP_DEFINE_SOFTMAX(double, f64, log, fbp_exp)
 
 /* z[i] = tanh(z[i]) in place. The Taylor series of tanh below |z| = 0.55, where
  * 1 - 2 / (exp(2|z|) + 1) would cancel, that formula above (it reaches exactly
