@@ -322,9 +322,8 @@ enum { FBP_IDENTITY = 0, FBP_SIGMOID = 1, FBP_TANH = 2, FBP_RELU = 3, FBP_LEAKY_
  * whose body calls an inline span with constant flags, so that every
  * combination compiles to its own branch-free, vectorised loop (a branch on
  * the sign of random data mispredicts half the time). The arithmetic is
- * exactly that of the reference, in its order. sigmoid and tanh are not here:
- * float32 has the loops above, float64 calls libm per element in
- * _kernels.pyx. */
+ * exactly that of the reference, in its order. sigmoid, tanh and softmax are
+ * not here: they have their own loops above, for both dtypes. */
 #define FBP_DEFINE_LOOPS(T, S, SQRT)                                                     \
 static inline T fbp_activate_##S(T z, int act, T slope)                                 \
 {                                                                                        \
