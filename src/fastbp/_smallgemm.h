@@ -15,7 +15,7 @@
  * multiply-adds, z = fma(x[k], w[k], z) from z = 0. The kernel needs
  * AVX-512 (checked when the module loads); elsewhere fbp_tn_* returns 0 and
  * the caller calls sgemm/dgemm. An AVX2 version of the same kernel, timed on
- * this AVX-512 machine against OpenBLAS's AVX2 (Haswell) kernels, won on
+ * an AVX-512 machine (Zen 4) against OpenBLAS's AVX2 (Haswell) kernels, won on
  * 32-row batches and lost 0.73-0.95x on larger ones, so AVX2 machines keep
  * BLAS.
  */
@@ -40,80 +40,100 @@
  * are transposed in registers (a scalar copy cost as much as the product on
  * a 32-row batch; AVX's 256-bit shuffles suffice); the edges are copied one
  * by one. */
-__attribute__((target("avx512f")))
-static void fbp_pack_f32(const float *W, ptrdiff_t n_in, ptrdiff_t w, float *P, ptrdiff_t pw)
+/* An 8 x 8 block of floats, rows r (ld apart), to columns of p (pw apart). */
+__attribute__((target("avx512f"), always_inline))
+static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *p, ptrdiff_t pw)
 {
-    ptrdiff_t jj = 0, k;
-    for (; jj + 8 <= w; jj += 8) {
-        const float *r = W + jj * n_in;
-        for (k = 0; k + 8 <= n_in; k += 8) {
-            __m256 r0 = _mm256_loadu_ps(r + k), r1 = _mm256_loadu_ps(r + n_in + k);
-            __m256 r2 = _mm256_loadu_ps(r + 2 * n_in + k), r3 = _mm256_loadu_ps(r + 3 * n_in + k);
-            __m256 r4 = _mm256_loadu_ps(r + 4 * n_in + k), r5 = _mm256_loadu_ps(r + 5 * n_in + k);
-            __m256 r6 = _mm256_loadu_ps(r + 6 * n_in + k), r7 = _mm256_loadu_ps(r + 7 * n_in + k);
-            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
-            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
-            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
-            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
-            float *p = P + k * pw + jj;
-            _mm256_storeu_ps(p, _mm256_permute2f128_ps(s0, s4, 0x20));
-            _mm256_storeu_ps(p + pw, _mm256_permute2f128_ps(s1, s5, 0x20));
-            _mm256_storeu_ps(p + 2 * pw, _mm256_permute2f128_ps(s2, s6, 0x20));
-            _mm256_storeu_ps(p + 3 * pw, _mm256_permute2f128_ps(s3, s7, 0x20));
-            _mm256_storeu_ps(p + 4 * pw, _mm256_permute2f128_ps(s0, s4, 0x31));
-            _mm256_storeu_ps(p + 5 * pw, _mm256_permute2f128_ps(s1, s5, 0x31));
-            _mm256_storeu_ps(p + 6 * pw, _mm256_permute2f128_ps(s2, s6, 0x31));
-            _mm256_storeu_ps(p + 7 * pw, _mm256_permute2f128_ps(s3, s7, 0x31));
-        }
-        for (; k < n_in; k++)
-            for (ptrdiff_t c = 0; c < 8; c++)
-                P[k * pw + jj + c] = r[c * n_in + k];
-    }
-    for (k = 0; k < n_in; k++) {
-        for (ptrdiff_t c = jj; c < w; c++)
-            P[k * pw + c] = W[c * n_in + k];
-        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)
-            P[k * pw + c] = 0.0f;
-    }
+    __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + ld);
+    __m256 r2 = _mm256_loadu_ps(r + 2 * ld), r3 = _mm256_loadu_ps(r + 3 * ld);
+    __m256 r4 = _mm256_loadu_ps(r + 4 * ld), r5 = _mm256_loadu_ps(r + 5 * ld);
+    __m256 r6 = _mm256_loadu_ps(r + 6 * ld), r7 = _mm256_loadu_ps(r + 7 * ld);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(p + pw, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(p + 2 * pw, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(p + 3 * pw, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(p + 4 * pw, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(p + 5 * pw, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(p + 6 * pw, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(p + 7 * pw, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 
-__attribute__((target("avx512f")))
-static void fbp_pack_f64(const double *W, ptrdiff_t n_in, ptrdiff_t w, double *P, ptrdiff_t pw)
+/* A 4 x 4 block of doubles, the same way. */
+__attribute__((target("avx512f"), always_inline))
+static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double *p,
+                                           ptrdiff_t pw)
 {
-    ptrdiff_t jj = 0, k;
-    for (; jj + 4 <= w; jj += 4) {
-        const double *r = W + jj * n_in;
-        for (k = 0; k + 4 <= n_in; k += 4) {
-            __m256d r0 = _mm256_loadu_pd(r + k), r1 = _mm256_loadu_pd(r + n_in + k);
-            __m256d r2 = _mm256_loadu_pd(r + 2 * n_in + k), r3 = _mm256_loadu_pd(r + 3 * n_in + k);
-            __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
-            __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
-            double *p = P + k * pw + jj;
-            _mm256_storeu_pd(p, _mm256_permute2f128_pd(t0, t2, 0x20));
-            _mm256_storeu_pd(p + pw, _mm256_permute2f128_pd(t1, t3, 0x20));
-            _mm256_storeu_pd(p + 2 * pw, _mm256_permute2f128_pd(t0, t2, 0x31));
-            _mm256_storeu_pd(p + 3 * pw, _mm256_permute2f128_pd(t1, t3, 0x31));
-        }
-        for (; k < n_in; k++)
-            for (ptrdiff_t c = 0; c < 4; c++)
-                P[k * pw + jj + c] = r[c * n_in + k];
-    }
-    for (k = 0; k < n_in; k++) {
-        for (ptrdiff_t c = jj; c < w; c++)
-            P[k * pw + c] = W[c * n_in + k];
-        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)
-            P[k * pw + c] = 0.0;
-    }
+    __m256d r0 = _mm256_loadu_pd(r), r1 = _mm256_loadu_pd(r + ld);
+    __m256d r2 = _mm256_loadu_pd(r + 2 * ld), r3 = _mm256_loadu_pd(r + 3 * ld);
+    __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(p, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(p + pw, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(p + 2 * pw, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(p + 3 * pw, _mm256_permute2f128_pd(t1, t3, 0x31));
 }
 
-/* One kernel per dtype. V: the vector type, L: its lanes; a panel is
+/* The packing itself, per dtype: blocks of B x B through the transposes above. */
+#define FBP_DEFINE_PACK(T, S, B)                                                         \
+__attribute__((target("avx512f")))                                                       \
+static void fbp_pack_##S(const T *W, ptrdiff_t n_in, ptrdiff_t w, T *P, ptrdiff_t pw)   \
+{                                                                                        \
+    ptrdiff_t jj = 0, k;                                                                 \
+    for (; jj + B <= w; jj += B) {                                                       \
+        const T *r = W + jj * n_in;                                                      \
+        for (k = 0; k + B <= n_in; k += B)                                               \
+            fbp_transpose_block_##S(r + k, n_in, P + k * pw + jj, pw);                   \
+        for (; k < n_in; k++)                                                            \
+            for (ptrdiff_t c = 0; c < B; c++)                                            \
+                P[k * pw + jj + c] = r[c * n_in + k];                                    \
+    }                                                                                    \
+    for (k = 0; k < n_in; k++) {                                                         \
+        for (ptrdiff_t c = jj; c < w; c++)                                               \
+            P[k * pw + c] = W[c * n_in + k];                                             \
+        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
+            P[k * pw + c] = 0;                                                           \
+    }                                                                                    \
+}
+
+FBP_DEFINE_PACK(float, f32, 8)
+FBP_DEFINE_PACK(double, f64, 4)
+
+/* 1: the CPU has AVX-512 and the kernel is on; 0: BLAS does every product.
+ * Set when the module loads (fbp_tn_init); tests and benchmarks switch it. */
+static int fbp_tn_on = 0;
+
+static int fbp_tn_init(void)
+{
+    __builtin_cpu_init();
+    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return fbp_tn_on;
+}
+
+/* Whether this kernel beats OpenBLAS on the shape (measured on an AVX-512
+ * machine, 2 threads, each product with its bias pass): n_in above 128
+ * loses (BLAS's packing pays off); so does more than 2^22 multiply-adds
+ * (BLAS runs on both cores; this kernel on one); and a last layer of 16
+ * outputs or fewer on fewer than 128 rows (one partly empty vector per row:
+ * 0.74-0.99x on 32 rows). Elsewhere it measured 1.2-2.2x faster. */
+static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out)
+{
+    if (n_in < 1 || n_in > FBP_TN_MAX_K || (n_out <= 16 && n < 128))
+        return 0;
+    return (double)n * (double)n_in * (double)n_out <= 4194304.0;
+}
+
+/* One kernel per dtype, called through ENTRY. V: the vector type, L: its lanes; a panel is
  * 2 vectors wide (PW = 2 L columns). LOAD/SET1/FMA/ZERO: the intrinsics;
  * STORE(p, v, w): the first w lanes of v to p. */
-#define FBP_DEFINE_TN(NAME, T, V, L, TARGET, LOAD, SET1, FMA, ZERO, STORE, PACK)                  \
+#define FBP_DEFINE_TN(ENTRY, NAME, T, V, L, TARGET, LOAD, SET1, FMA, ZERO, STORE, PACK) \
 __attribute__((target(TARGET), always_inline))                                           \
 static inline void NAME##_rows(const T *X, ptrdiff_t n_in, const T *P, T *Z,             \
                                ptrdiff_t n_out, ptrdiff_t w, const int R, const int NV)  \
@@ -189,58 +209,25 @@ static void NAME(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,     
             NAME##_panel(X, n, n_in, P, Z + j0, n_out, w, 1);                            \
         }                                                                                \
     }                                                                                    \
+}                                                                                        \
+                                                                                         \
+/* Z = X @ W.T into Z (n, n_out); 1 if done, 0 if the caller must use BLAS. */           \
+static int ENTRY(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,             \
+                 ptrdiff_t n_out)                                                        \
+{                                                                                        \
+    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))                                     \
+        return 0;                                                                        \
+    NAME(X, W, Z, n, n_in, n_out);                                                       \
+    return 1;                                                                            \
 }
 
 #define FBP_STORE512_PS(p, v, w) _mm512_mask_storeu_ps((p), (__mmask16)((1u << (w)) - 1u), (v))
 #define FBP_STORE512_PD(p, v, w) _mm512_mask_storeu_pd((p), (__mmask8)((1u << (w)) - 1u), (v))
 
-FBP_DEFINE_TN(fbp_tn512_f32, float, __m512, 16, "avx512f", _mm512_load_ps, _mm512_set1_ps,
-              _mm512_fmadd_ps, _mm512_setzero_ps, FBP_STORE512_PS, fbp_pack_f32)
-FBP_DEFINE_TN(fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_load_pd, _mm512_set1_pd,
-              _mm512_fmadd_pd, _mm512_setzero_pd, FBP_STORE512_PD, fbp_pack_f64)
-/* 1: the CPU has AVX-512 and the kernel is on; 0: BLAS does every product.
- * Set when the module loads (fbp_tn_init); tests and benchmarks switch it. */
-static int fbp_tn_on = 0;
-
-static int fbp_tn_init(void)
-{
-    __builtin_cpu_init();
-    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return fbp_tn_on;
-}
-
-/* Whether this kernel beats OpenBLAS on the shape (measured on an AVX-512
- * machine, 2 threads, each product with its bias pass): n_in above 128
- * loses (BLAS's packing pays off); so does more than 2^22 multiply-adds
- * (BLAS runs on both cores; this kernel on one); and a last layer of 16
- * outputs or fewer on fewer than 128 rows (one partly empty vector per row:
- * 0.74-0.99x on 32 rows). Elsewhere it measured 1.2-2.2x faster. */
-static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out)
-{
-    if (n_in < 1 || n_in > FBP_TN_MAX_K || (n_out <= 16 && n < 128))
-        return 0;
-    return (double)n * (double)n_in * (double)n_out <= 4194304.0;
-}
-
-/* Z = X @ W.T into Z (n, n_out); 1 if done, 0 if the caller must use BLAS. */
-static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
-                      ptrdiff_t n_in, ptrdiff_t n_out)
-{
-    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))
-        return 0;
-    fbp_tn512_f32(X, W, Z, n, n_in, n_out);
-    return 1;
-}
-
-static int fbp_tn_f64(const double *X, const double *W, double *Z, ptrdiff_t n,
-                      ptrdiff_t n_in, ptrdiff_t n_out)
-{
-    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))
-        return 0;
-    fbp_tn512_f64(X, W, Z, n, n_in, n_out);
-    return 1;
-}
-
+FBP_DEFINE_TN(fbp_tn_f32, fbp_tn512_f32, float, __m512, 16, "avx512f", _mm512_load_ps,
+              _mm512_set1_ps, _mm512_fmadd_ps, _mm512_setzero_ps, FBP_STORE512_PS, fbp_pack_f32)
+FBP_DEFINE_TN(fbp_tn_f64, fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_load_pd,
+              _mm512_set1_pd, _mm512_fmadd_pd, _mm512_setzero_pd, FBP_STORE512_PD, fbp_pack_f64)
 #else /* not x86-64 with GCC or clang: BLAS does every product */
 
 static int fbp_tn_on = 0;
