@@ -62,11 +62,11 @@ cdef extern from "_vecmath.h" nogil:
     float fbp_sigmoid1_f32(float z)
     double fbp_sigmoid1_f64(double z)
     void fbp_sigmoid_f32(float* z, Py_ssize_t n)
+    void fbp_sigmoid_f64(double* z, Py_ssize_t n)
     void fbp_softmax_rows_f32(const float* Z, float* out, Py_ssize_t n, Py_ssize_t k,
                               float* lse)
     void fbp_softmax_rows_f64(const double* Z, double* out, Py_ssize_t n, Py_ssize_t k,
                               double* lse)
-    void fbp_sigmoid_f64(double* z, Py_ssize_t n)
     void fbp_tanh_f32(float* z, Py_ssize_t n)
     void fbp_tanh_f64(double* z, Py_ssize_t n)
     int fbp_max_exponent_f32(const float* x, Py_ssize_t n)
@@ -84,11 +84,11 @@ cdef extern from "_vecmath.h" nogil:
     void fbp_act_backward_f64(const double* A, const double* dA, double* out, Py_ssize_t size,
                               int act, double slope)
     void fbp_column_sums_f32(const float* M, float* out, Py_ssize_t n, Py_ssize_t m)
+    void fbp_column_sums_f64(const double* M, double* out, Py_ssize_t n, Py_ssize_t m)
     double fbp_sum_squares_f32(const float* a, const float* b, Py_ssize_t size, int sub)
     double fbp_sum_squares_f64(const double* a, const double* b, Py_ssize_t size, int sub)
     Py_ssize_t fbp_count_saturated_f32(const float* A, Py_ssize_t size, int act, float below)
     Py_ssize_t fbp_count_saturated_f64(const double* A, Py_ssize_t size, int act, double below)
-    void fbp_column_sums_f64(const double* M, double* out, Py_ssize_t n, Py_ssize_t m)
     void fbp_sgd_f32(float* param, const float* grad, float* buf, Py_ssize_t size, float lr,
                      float momentum, float dampening_complement, int nesterov,
                      float weight_decay, int maximize, int first_step)
