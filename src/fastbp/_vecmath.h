@@ -129,10 +129,13 @@ FBP_CLONES static void fbp_sigmoid_##S(T *z, ptrdiff_t n)                       
 }
 
 /* Row-wise softmax of Z (n, k) into out (which may be Z): every row shifted by
- * its max, one vectorised exp over the whole block, then each row divided by
- * its sum, taken left to right (4 rows at a time, so that their 4 chains of
- * additions overlap: the order within a row is unchanged). When lse is not
- * NULL, lse[i] = log(sum(exp(Z[i]))) (libm's log, once per row). */
+ * its max, exp'd, summed left to right and divided by its sum. Rows of up to
+ * 16 classes go through blocks of 16 rows transposed on the stack, so that
+ * every step runs across 16 rows at once; wider rows get one vectorised exp
+ * over the block, then 4 rows' sums at a time (their chains of additions
+ * overlap) and a row divided a vector at a time. Both orders of operations
+ * within a row are the same, and so are the bits. When lse is not NULL,
+ * lse[i] = log(sum(exp(Z[i]))) (libm's log, once per row). */
 #define FBP_SOFTMAX_NARROW 16
 #define FBP_DEFINE_SOFTMAX(T, S, LOG, EXPF)                                                 \
 FBP_CLONES static void fbp_softmax_rows_##S(const T *Z, T *out, ptrdiff_t n, ptrdiff_t k,  \
