@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fastbp
 from fastbp import _kernels, reference
 from fastbp._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS
 
