@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastbp import _kernels, reference
-from fastbp._checks import ACTIVATIONS, OUTPUT_ACTIVATIONS
+from fastbp._checks import ACTIVATIONS, LEAKY_RELU_SLOPE, OUTPUT_ACTIVATIONS
 
 from conftest import BACKENDS, DTYPES, IMPLEMENTATIONS, assert_close
 
@@ -854,6 +854,40 @@ def test_small_product_is_accurate(small_kernel, dtype):
             assert (error <= (n_in + 2) * tol * (scale + np.abs(b))).all(), (on, n, n_in, n_out)
             relu = _kernels.dense_forward(X, W, b, "relu", np.empty((n, n_out), dtype))
             assert relu.tobytes() == np.maximum(Z, 0).tobytes()
+
+
+@needs_small_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_product_adds_bias_and_activation_as_the_separate_pass_does(dtype):
+    # The kernel applies the bias and relu / leaky relu as it stores: the bits must
+    # be those of the product followed by `z = act(z + b)`. The product alone is
+    # dense_forward with a bias of -0.0 (x + -0.0 is x for every x, -0.0 included).
+    rng = np.random.default_rng(11)
+    slope = dtype(LEAKY_RELU_SLOPE)
+    for n, n_in, n_out in SMALL_SHAPES[::7] + [(32, 64, 128), (13, 9, 33), (140, 36, 9)]:
+        X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
+        b = rng.normal(size=n_out).astype(dtype)
+        X[0] = 0  # exact zeros, and -0.0 where the bias is -0.0
+        b[::5] = -0.0
+        if n > 2 and n_out > 4:
+            X[1, 0] = np.nan
+            b[1], b[2], b[3] = np.inf, -np.inf, np.nan
+        product = _kernels.dense_forward(X, W, np.full(n_out, -0.0, dtype), "identity",
+                                         np.empty((n, n_out), dtype))
+        z = product + b
+        expected = {"identity": z, "relu": np.where(z < 0, dtype(0), z),
+                    "leaky_relu": np.where(z > 0, z, z * slope)}
+        for act, want in expected.items():
+            got = _kernels.dense_forward(X, W, b, act, np.full((n, n_out), 7, dtype))
+            assert got.tobytes() == want.tobytes(), (act, n, n_in, n_out)
+        # sigmoid and tanh: the bias in the kernel, then fastbp's loops over Z (a few
+        # units of rounding from the exact functions of the same z)
+        z64 = z.astype(np.float64)
+        with np.errstate(over="ignore"):
+            exact = {"sigmoid": 1 / (1 + np.exp(-z64)), "tanh": np.tanh(z64)}
+        for act, want in exact.items():
+            got = _kernels.dense_forward(X, W, b, act, np.empty((n, n_out), dtype))
+            np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)
 
 
 @needs_small_kernel

@@ -110,9 +110,9 @@ cdef extern from "_smallgemm.h" nogil:
     int fbp_tn_init()
     int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
-                   Py_ssize_t n_out)
+                   Py_ssize_t n_out, const float* b, int act, float slope)
     int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
-                   Py_ssize_t n_in, Py_ssize_t n_out)
+                   Py_ssize_t n_in, Py_ssize_t n_out, const double* b, int act, double slope)
 
 cnp.import_array()
 fbp_tn_init()
@@ -246,13 +246,33 @@ cdef inline void _forward_product(const floating* X, const floating* W, floating
     """Z = X @ W.T for X (n, n_in), W (n_out, n_in): _smallgemm.h's kernel where it
     takes the shape, BLAS elsewhere."""
     if floating is float:
-        if fbp_tn_f32(X, W, Z, n, n_in, n_out):
+        if fbp_tn_f32(X, W, Z, n, n_in, n_out, NULL, IDENTITY, 0):
             return
     else:
-        if fbp_tn_f64(X, W, Z, n, n_in, n_out):
+        if fbp_tn_f64(X, W, Z, n, n_in, n_out, NULL, IDENTITY, 0):
             return
     _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_in, 0, Z,
           <int>n_out)
+
+
+cdef inline void _forward_layer(const floating* X, const floating* W, const floating* b,
+                                floating* Z, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                                int act) noexcept nogil:
+    """Z = act(X @ W.T + b): on _smallgemm.h's kernel where it takes the shape, with
+    the bias (and relu / leaky relu) applied as it stores (sigmoid and tanh then run
+    over Z); elsewhere BLAS, then `_bias_activation`. The same bits either way."""
+    cdef int fused = act if act == RELU or act == LEAKY_RELU else IDENTITY
+    cdef int done
+    if floating is float:
+        done = fbp_tn_f32(X, W, Z, n, n_in, n_out, b, fused, <float>_LEAKY_SLOPE)
+    else:
+        done = fbp_tn_f64(X, W, Z, n, n_in, n_out, b, fused, _LEAKY_SLOPE)
+    if not done:
+        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_in, 0, Z,
+              <int>n_out)
+        _bias_activation(Z, b, n, n_out, act)
+    elif act == SIGMOID or act == TANH:
+        _squash(Z, n * n_out, act)
 
 
 def _small_gemm(enabled=None):
@@ -296,16 +316,21 @@ cdef void _bias_activation(floating* Z, const floating* b, Py_ssize_t n, Py_ssiz
         _bias_act(Z, b, n, m, act)
         return
     _bias_act(Z, b, n, m, IDENTITY)
+    _squash(Z, n * m, act)
+
+
+cdef void _squash(floating* Z, Py_ssize_t size, int act) noexcept nogil:
+    """Z = sigmoid(Z) or tanh(Z) in place."""
     if floating is float:
         if act == SIGMOID:
-            fbp_sigmoid_f32(Z, n * m)
+            fbp_sigmoid_f32(Z, size)
         else:
-            fbp_tanh_f32(Z, n * m)
+            fbp_tanh_f32(Z, size)
     else:
         if act == SIGMOID:
-            fbp_sigmoid_f64(Z, n * m)
+            fbp_sigmoid_f64(Z, size)
         else:
-            fbp_tanh_f64(Z, n * m)
+            fbp_tanh_f64(Z, size)
 
 
 def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
@@ -330,8 +355,7 @@ def _dense_forward(const floating[:, ::1] X, const floating[:, ::1] W,
     for name, size in (("n", n), ("n_in", n_in), ("n_out", n_out)):
         _check_blas_size(name, size)
     with nogil:
-        _forward_product(pX, pW, pout, n, n_in, n_out)
-        _bias_activation(pout, &b[0], n, n_out, act)
+        _forward_layer(pX, pW, &b[0], pout, n, n_in, n_out, act)
 
 
 def dense_forward(X, W, b, activation, out):
@@ -889,8 +913,8 @@ cdef void _mlp_forward_loss(const floating* X, const int64_t* labels, const floa
     for l in range(n_layers):
         n_in, n_out = sizes[l], sizes[l + 1]
         Al = A + a_off[l]
-        _forward_product(prev, params + w_off[l], Al, n, n_in, n_out)
-        _bias_activation(Al, params + w_off[l] + n_out * n_in, n, n_out, acts[l])
+        _forward_layer(prev, params + w_off[l], params + w_off[l] + n_out * n_in, Al, n, n_in,
+                       n_out, acts[l])
         prev = Al
     n_out = sizes[n_layers]
     l = n_layers - 1
