@@ -131,6 +131,24 @@ def test_compiled_layer_sums_match_their_numpy_specification(dtype, moved):
         if n:
             assert compiled[1, 4] == 2 and compiled[0, 3] > 0 and compiled[2, 3] >= 2 * n
         assert (compiled[:, 2] > 0).all() if moved else (compiled[:, 2] == 0).all()
+    # a wide relu layer: the dead-unit count runs over blocks of 256 columns and
+    # stops a block early once every column in it is alive
+    for rows in (1, 3, 40):
+        wide = (4, 600, 2)
+        n_wide = sum((a + 1) * b for a, b in zip(wide[:-1], wide[1:]))
+        acts = np.full(rows * 602, 0.5, dtype)
+        relu = acts[:rows * 600].reshape(rows, 600)
+        relu[:, [0, 255, 256, 300, 511, 512, 599]] = -1.0  # dead units at block edges
+        relu[:, 7] = 0.0
+        relu[rows - 1, 300] = np.nan  # not dead
+        if rows > 1:
+            relu[:rows - 1, 400] = -2.0  # alive only on the last row
+        g = rng.normal(size=n_wide).astype(dtype)
+        args = (g, g, g, acts, rows, wide, ("relu",), moved, SATURATION_FRACTION)
+        compiled, spec = _kernels._layer_sums(*args), _layer_sums_numpy(*args)
+        np.testing.assert_array_equal(compiled[:, 3:], spec[:, 3:])
+        assert compiled[0, 4] == 7
+        np.testing.assert_allclose(compiled[:, :3], spec[:, :3], rtol=1e-12)
     with pytest.raises(ValueError, match="do not fit"):
         _kernels._layer_sums(params[:-1], before, grad, A, n, sizes, activations, True, 0.01)
     with pytest.raises(ValueError, match="do not fit"):

@@ -89,6 +89,8 @@ cdef extern from "_vecmath.h" nogil:
     double fbp_sum_squares_f64(const double* a, const double* b, Py_ssize_t size, int sub)
     Py_ssize_t fbp_count_saturated_f32(const float* A, Py_ssize_t size, int act, float below)
     Py_ssize_t fbp_count_saturated_f64(const double* A, Py_ssize_t size, int act, double below)
+    Py_ssize_t fbp_count_dead_f32(const float* A, Py_ssize_t n, Py_ssize_t m)
+    Py_ssize_t fbp_count_dead_f64(const double* A, Py_ssize_t n, Py_ssize_t m)
     void fbp_sgd_f32(float* param, const float* grad, float* buf, Py_ssize_t size, float lr,
                      float momentum, float dampening_complement, int nesterov,
                      float weight_decay, int maximize, int first_step)
@@ -1520,7 +1522,7 @@ def _layer_sums(const floating[::1] params, const floating[::1] before,
     count of saturated activations (sigmoid, tanh) and of dead units (relu; the
     activation is 0 or less on all n rows). A holds the activations of n rows in
     `mlp_gradients`' layout; activations[l] names hidden layer l's activation."""
-    cdef Py_ssize_t n_layers = len(sizes) - 1, l, i, j, n_in, n_out, lo, w_end
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l, n_in, n_out, lo, w_end
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef Py_ssize_t w_off[MAX_LAYERS + 1]
     cdef Py_ssize_t a_off[MAX_LAYERS]
@@ -1563,12 +1565,10 @@ def _layer_sums(const floating[::1] params, const floating[::1] before,
                 else:
                     o[l, 3] = fbp_count_saturated_f64(a, n * n_out, codes[l], below)
             elif codes[l] == RELU:
-                for j in range(n_out):
-                    for i in range(n):
-                        if not a[i * n_out + j] <= 0:
-                            break
-                    else:
-                        o[l, 4] += 1
+                if floating is float:
+                    o[l, 4] = fbp_count_dead_f32(a, n, n_out)
+                else:
+                    o[l, 4] = fbp_count_dead_f64(a, n, n_out)
     return out
 
 

@@ -406,36 +406,70 @@ FBP_CLONES static void fbp_column_sums_##S(const T *M, T *out, ptrdiff_t n, ptrd
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Sums of squares for fastbp.diagnostics, in double, over 8 lanes (element i  \
- * goes to lane i mod 8; the lanes are added in a fixed order at the end), so   \
- * that every clone gives the same bits. GCC's vector types make the 8 lanes    \
- * explicit (a plain loop over them did not vectorise: 0.65 ns per element).   \
- * sub: the sum of (a[i] - b[i])^2 with the difference rounded to T first, as  \
- * NumPy's a - b is. */                                                           \
-typedef T fbp_v8_##S __attribute__((vector_size(8 * sizeof(T))));                       \
-FBP_CLONES static double fbp_sum_squares_##S(const T *a, const T *b, ptrdiff_t size,    \
+/* Sums of squares for fastbp.diagnostics, in double, over 32 lanes (element i           \
+ * goes to lane i mod 32, as 4 vectors of 8 so that 4 chains of additions run at         \
+ * once; the lanes are added in a fixed order at the end), so that every clone           \
+ * gives the same bits. GCC's vector types make the lanes explicit (a plain loop         \
+ * over them did not vectorise: 0.65 ns per element; one chain of 8 lanes: 0.9).         \
+ * sub: the sum of (a[i] - b[i])^2 with the difference rounded to T first, as            \
+ * NumPy's a - b is. */                                                                  \
+typedef T fbp_v8_##S __attribute__((vector_size(8 * sizeof(T))));                        \
+static inline fbp_v8d fbp_square8_##S(const T *a, const T *b, int sub)                   \
+{                                                                                        \
+    fbp_v8_##S va, vb;                                                                   \
+    memcpy(&va, a, sizeof va);                                                           \
+    if (sub) {                                                                           \
+        memcpy(&vb, b, sizeof vb);                                                       \
+        va = va - vb;                                                                    \
+    }                                                                                    \
+    fbp_v8d x = __builtin_convertvector(va, fbp_v8d);                                    \
+    return x * x;                                                                        \
+}                                                                                        \
+                                                                                         \
+FBP_CLONES static double fbp_sum_squares_##S(const T *a, const T *b, ptrdiff_t size,     \
                                              int sub)                                    \
 {                                                                                        \
-    fbp_v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};                                              \
+    fbp_v8d acc[4] = {{0}, {0}, {0}, {0}};                                               \
     ptrdiff_t i = 0;                                                                     \
-    for (; i + 8 <= size; i += 8) {                                                      \
-        fbp_v8_##S va, vb;                                                               \
-        memcpy(&va, a + i, sizeof va);                                                   \
-        if (sub) {                                                                       \
-            memcpy(&vb, b + i, sizeof vb);                                               \
-            va = va - vb;                                                                \
-        }                                                                                \
-        fbp_v8d x = __builtin_convertvector(va, fbp_v8d);                                \
-        acc += x * x;                                                                    \
-    }                                                                                    \
-    double lane[8];                                                                      \
-    memcpy(lane, &acc, sizeof lane);                                                     \
+    for (; i + 32 <= size; i += 32)                                                      \
+        for (int v = 0; v < 4; v++)                                                      \
+            acc[v] += fbp_square8_##S(a + i + 8 * v, sub ? b + i + 8 * v : NULL, sub);   \
+    double lane[32];                                                                     \
+    memcpy(lane, acc, sizeof lane);                                                      \
     for (int j = 0; i < size; i++, j++) {                                                \
         double x = sub ? (double)(T)(a[i] - b[i]) : (double)a[i];                        \
         lane[j] += x * x;                                                                \
     }                                                                                    \
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) +                                 \
-           ((lane[4] + lane[5]) + (lane[6] + lane[7]));                                  \
+    for (int w = 16; w >= 1; w /= 2) /* pairwise: lane j + w into lane j */              \
+        for (int j = 0; j < w; j++)                                                      \
+            lane[j] += lane[j + w];                                                      \
+    return lane[0];                                                                      \
+}                                                                                        \
+                                                                                         \
+/* How many of the m columns of A (n, m) (relu outputs) are dead: 0 or less on           \
+ * every row (NaN counts as alive, as in NumPy's max). Row after row over blocks         \
+ * of columns, so that the comparisons run across a row; a block stops early             \
+ * once all its columns are alive. */                                                    \
+FBP_CLONES static ptrdiff_t fbp_count_dead_##S(const T *A, ptrdiff_t n, ptrdiff_t m)     \
+{                                                                                        \
+    ptrdiff_t dead = 0;                                                                  \
+    for (ptrdiff_t j0 = 0; j0 < m; j0 += 256) {                                          \
+        ptrdiff_t w = m - j0 < 256 ? m - j0 : 256;                                       \
+        unsigned char alive[256] = {0};                                                  \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            const T *row = A + i * m + j0;                                               \
+            unsigned char all = 1;                                                       \
+            for (ptrdiff_t j = 0; j < w; j++) {                                          \
+                alive[j] |= !(row[j] <= 0);                                              \
+                all &= alive[j];                                                         \
+            }                                                                            \
+            if (all)                                                                     \
+                break;                                                                   \
+        }                                                                                \
+        for (ptrdiff_t j = 0; j < w; j++)                                                \
+            dead += !alive[j];                                                           \
+    }                                                                                    \
+    return dead;                                                                         \
 }                                                                                        \
                                                                                          \
 /* How many activations A (sigmoid or tanh outputs) have a derivative below     \
