@@ -798,10 +798,11 @@ def test_type_stubs_match_the_kernels():
 SMALL_ON = _kernels._small_gemm()
 needs_small_kernel = pytest.mark.skipif(not SMALL_ON, reason="the CPU has no AVX-512: BLAS does "
                                         "every product")
-# (n, n_in, n_out): row blocks of 6 and 12 and their tails, n_in across the 8 x 8
+# (n, n_in, n_out): row blocks of 8 and 12 and every tail, n_in across the 8 x 8
 # (4 x 4) transposes of the packing and its edges, panels of 1 and 2 vectors and
 # partly filled ones, for both dtypes' vector widths
-SMALL_SHAPES = [(n, n_in, n_out) for n in (1, 5, 6, 7, 13, 32) for n_in in (1, 7, 8, 9, 64, 128)
+SMALL_SHAPES = [(n, n_in, n_out) for n in (1, 5, 6, 7, 10, 11, 12, 13, 32)
+                for n_in in (1, 7, 8, 9, 64, 128)
                 for n_out in (17, 24, 31, 32, 33, 40, 64, 100)]
 SMALL_SHAPES += [(n, n_in, n_out) for n in (128, 131, 140) for n_in in (3, 36, 128)
                  for n_out in (1, 5, 8, 9, 16)]
