@@ -204,6 +204,54 @@ def test_step_is_gradients_then_update(backend):
         np.testing.assert_array_equal(net.params, twin.params)
 
 
+OPTIMIZERS = {
+    "sgd": lambda p: fastbp.SGD(p, lr=0.05),
+    "sgd-momentum": lambda p: fastbp.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: fastbp.Adam(p, lr=0.01),
+    "adamw-amsgrad": lambda p: fastbp.AdamW(p, lr=0.01, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", ["ce-deep-mixed", "mse-tanh", "bce"])
+def test_step_one_call_path_gives_the_general_paths_bits(name, optimizer):
+    # MLP.step hands its common case to the compiled backend's _net_step, which
+    # reads the arguments in C; it must be taken from the second step of a batch
+    # size on (the first sets up the workspace), step aside for binary
+    # cross-entropy, and change nothing in the result
+    X, y = make_data(CONFIGS[name], n=12)
+    X = X.astype(np.float32)
+    y = y.astype(np.float32) if y.dtype.kind == "f" else y
+    fast, slow = make_net(name, dtype=np.float32), make_net(name, dtype=np.float32)
+    slow._net_step = None  # the general path only
+    returned = []
+    one_call = fast._net_step
+    fast._net_step = lambda *args: returned.append(one_call(*args)) or returned[-1]
+    opt_fast, opt_slow = OPTIMIZERS[optimizer](fast.params), OPTIMIZERS[optimizer](slow.params)
+    for _ in range(4):
+        assert fast.step(X, y, opt_fast) == slow.step(X, y, opt_slow)
+    assert fast.params.tobytes() == slow.params.tobytes()
+    state = lambda opt: {k: v.tobytes() if isinstance(v, np.ndarray) else v
+                         for k, v in opt.state().items()}
+    assert state(opt_fast) == state(opt_slow) and opt_fast.step_count == 4
+    if name == "bce":
+        assert returned == [None] * 4
+    else:
+        assert returned[0] is None and None not in returned[1:] and len(returned) == 4
+    # a batch the kernel refuses: the one-call step declines, changing nothing, and
+    # the general path says why
+    X_bad, y_bad = X.copy(), y.copy()
+    X_bad[3, 1] = np.nan
+    if name == "ce-deep-mixed":
+        y_bad[5] = 3  # and out of range, alone
+    before, before_state = fast.params.tobytes(), state(opt_fast)
+    for Xb, yb, message in [(X_bad, y, "NaN"), (X, y_bad, r"y\[5\] = 3")][:1 + (name == "ce-deep-mixed")]:
+        with pytest.raises(ValueError, match=message):
+            fast.step(Xb, yb, opt_fast)
+        assert fast.params.tobytes() == before and state(opt_fast) == before_state
+        assert returned[-1] is None and len(returned) == 5 + (yb is y_bad)
+
+
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_training_reduces_the_loss(backend):
     rng = np.random.default_rng(0)
@@ -289,12 +337,15 @@ def _bad_steps():
 @pytest.mark.parametrize("case", sorted(_bad_steps()))
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_bad_step_changes_nothing(case, backend, optimizer):
+@pytest.mark.parametrize("rows", [2, 4])
+def test_bad_step_changes_nothing(case, backend, optimizer, rows):
     X, y, exc_type, message = _bad_steps()[case]
     net = fastbp.MLP([5, 3, 4], seed=0, backend=backend)
     opt = (fastbp.SGD(net.params, lr=0.1, momentum=0.9) if optimizer == "sgd"
            else fastbp.Adam(net.params, lr=0.1, amsgrad=True))
-    net.step(np.ones((2, 5)), [0, 1], opt)  # optimizer state exists
+    # optimizer state exists; with 4 rows the workspace fits the bad batches, so
+    # they reach the one-call step first
+    net.step(np.ones((rows, 5)), [0, 1] * (rows // 2), opt)
     state_bytes = lambda: {k: v.tobytes() if isinstance(v, np.ndarray) else v
                            for k, v in opt.state().items()}
     before, state = net.params.tobytes(), state_bytes()

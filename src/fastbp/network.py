@@ -113,6 +113,8 @@ class MLP:
         self._init = init = check_init(init)
         self.dtype = _check_dtype(dtype)
         self._kernels = get_backend(backend)
+        # the compiled backend's one-call path for step (the reference has none)
+        self._net_step = getattr(self._kernels, "_net_step", None)
         self.backend = backend
         self.sizes = sizes
         self.activations = activations
@@ -456,7 +458,13 @@ class MLP:
         # the common case in one call: _check_optimizer's isinstance check is
         # implied by _compiled's type check (the two calls were 0.3 us of a 10 us
         # tiny step)
-        if not (self._compiled(o) and o.params is self.params):
+        compiled = self._compiled(o) and o.params is self.params
+        if compiled and self._net_step is not None:
+            # the whole step, arguments read in C (None: take the path below)
+            loss = self._net_step(self, X, y, o, type(o) is not SGD)
+            if loss is not None:
+                return loss
+        if not compiled:
             self._check_optimizer(o)
             if not self._compiled(o):
                 X, y = self._as_batch(X, y)
