@@ -269,9 +269,8 @@ cdef inline void _forward_layer(const floating* X, const floating* W, const floa
         done = fbp_tn_f32(X, W, Z, n, n_in, n_out, b, fused, <float>_LEAKY_SLOPE)
     else:
         done = fbp_tn_f64(X, W, Z, n, n_in, n_out, b, fused, _LEAKY_SLOPE)
-    if not done:
-        _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_in, 0, Z,
-              <int>n_out)
+    if not done:  # (the kernel declines here too: BLAS)
+        _forward_product(X, W, Z, n, n_in, n_out)
         _bias_activation(Z, b, n, n_out, act)
     elif act == SIGMOID or act == TANH:
         _squash(Z, n * n_out, act)

@@ -147,10 +147,9 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out)
  * max(0, v), which gives v for NaN and -0 as `v < 0 ? 0 : v` does; leaky relu           \
  * keeps v where v > 0, else v * slope (NaN stays NaN). */                               \
 __attribute__((target(TARGET), always_inline))                                           \
-static inline V NAME##_finish(V v, V bias, int has_bias, int act, V slope)               \
+static inline V NAME##_finish(V v, V bias, int act, V slope)                             \
 {                                                                                        \
-    if (has_bias)                                                                        \
-        v = ADD(v, bias);                                                                \
+    v = ADD(v, bias);                                                                    \
     if (act == FBP_RELU)                                                                 \
         v = MAX(ZERO(), v);                                                              \
     else if (act == FBP_LEAKY_RELU)                                                      \
@@ -177,17 +176,13 @@ static inline void NAME##_rows(const T *X, ptrdiff_t n_in, const T *P, T *Z,    
                 a1[r] = FMA(x, p1, a1[r]);                                               \
         }                                                                                \
     }                                                                                    \
-    if (b != NULL || act != FBP_IDENTITY) {                                              \
-        V b0 = ZERO(), b1 = ZERO(), vs = SET1(slope);                                    \
-        if (b != NULL) {                                                                 \
-            b0 = LOADW(b, w < L ? w : L);                                                \
-            if (NV == 2)                                                                 \
-                b1 = LOADW(b + L, w - L);                                                \
-        }                                                                                \
+    if (b != NULL) { /* (without a bias, act is FBP_IDENTITY: ENTRY sees to it) */       \
+        V b0 = LOADW(b, w < L ? w : L), b1 = NV == 2 ? LOADW(b + L, w - L) : b0;         \
+        V vs = SET1(slope);                                                              \
         for (int r = 0; r < R; r++) {                                                    \
-            a0[r] = NAME##_finish(a0[r], b0, b != NULL, act, vs);                        \
+            a0[r] = NAME##_finish(a0[r], b0, act, vs);                                   \
             if (NV == 2)                                                                 \
-                a1[r] = NAME##_finish(a1[r], b1, b != NULL, act, vs);                    \
+                a1[r] = NAME##_finish(a1[r], b1, act, vs);                               \
         }                                                                                \
     }                                                                                    \
     for (int r = 0; r < R; r++) {                                                        \

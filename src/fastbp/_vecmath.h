@@ -408,11 +408,11 @@ FBP_CLONES static void fbp_column_sums_##S(const T *M, T *out, ptrdiff_t n, ptrd
                                                                                          \
 /* Sums of squares for fastbp.diagnostics, in double, over 32 lanes (element i           \
  * goes to lane i mod 32, as 4 vectors of 8 so that 4 chains of additions run at         \
- * once; the lanes are added in a fixed order at the end), so that every clone           \
- * gives the same bits. GCC's vector types make the lanes explicit (a plain loop         \
- * over them did not vectorise: 0.65 ns per element; one chain of 8 lanes: 0.9).         \
- * sub: the sum of (a[i] - b[i])^2 with the difference rounded to T first, as            \
- * NumPy's a - b is. */                                                                  \
+ * once: one chain was bound by the latency of its additions; the lanes are added        \
+ * in a fixed order at the end), so that every clone gives the same bits. GCC's          \
+ * vector types make the lanes explicit (a plain loop over them did not                  \
+ * vectorise: 0.65 ns per element). sub: the sum of (a[i] - b[i])^2 with the             \
+ * difference rounded to T first, as NumPy's a - b is. */                                \
 typedef T fbp_v8_##S __attribute__((vector_size(8 * sizeof(T))));                        \
 static inline fbp_v8d fbp_square8_##S(const T *a, const T *b, int sub)                   \
 {                                                                                        \
@@ -472,8 +472,8 @@ FBP_CLONES static ptrdiff_t fbp_count_dead_##S(const T *A, ptrdiff_t n, ptrdiff_
     return dead;                                                                         \
 }                                                                                        \
                                                                                          \
-/* How many activations A (sigmoid or tanh outputs) have a derivative below     \
- * `below`: A * (1 - A) for sigmoid, 1 - A * A for tanh, computed in T. */      \
+/* How many activations A (sigmoid or tanh outputs) have a derivative below              \
+ * `below`: A * (1 - A) for sigmoid, 1 - A * A for tanh, computed in T. */               \
 FBP_CLONES static ptrdiff_t fbp_count_saturated_##S(const T *A, ptrdiff_t size, int act,  \
                                                     T below)                             \
 {                                                                                        \
