@@ -36,8 +36,8 @@ sizes = st.integers(1, 9)
 batches = st.one_of(sizes, st.integers(60, 200))
 seeds = st.integers(0, 2**32 - 1)
 #: layer widths that also reach the small-layer forward kernel and softmax's row-wise
-#: loop (both: more than 16 outputs)
-widths = st.one_of(sizes, st.integers(17, 40))
+#: loop (both: more than 16 outputs), and the 10 to 16 classes of its blocked loop
+widths = st.one_of(sizes, st.integers(10, 40))
 
 
 def draw(rng, shape, dtype, low=None, high=None):
@@ -908,3 +908,24 @@ def test_small_product_propagates_nan_and_inf_like_blas(small_kernel, dtype):
     assert np.isnan(out[True][0, 5]) and out[True][0, 4] == np.inf
     assert np.isnan(out[True][1]).all() and out[True][2, 7] == np.inf
     np.testing.assert_array_equal(out[True], out[False])  # NaNs in the same places
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 10, 16, 17, 33])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 37, 130])
+def test_cross_entropy_gradient_is_the_softmax_minus_one_hot_over_n(dtype, k, n):
+    # Rows of up to 16 classes take a fused path in C; its gradient must be the
+    # bits of the compiled softmax, minus 1 at the label, times 1/n in the dtype.
+    rng = np.random.default_rng(n * 100 + k)
+    Z = (rng.normal(size=(n, k)) * 5).astype(dtype)
+    y = rng.integers(0, k, size=n)
+    expected = _kernels.softmax(Z, np.empty_like(Z))
+    expected[np.arange(n), y] -= dtype(1)
+    expected *= dtype(1) / dtype(n)
+    for in_place in (False, True):
+        Zc = Z.copy()
+        dZ = Zc if in_place else np.empty_like(Z)
+        loss = _kernels.softmax_cross_entropy(Zc, y, dZ)
+        np.testing.assert_array_equal(dZ, expected)
+        eloss = reference.softmax_cross_entropy(Z.astype(np.float64), y)
+        assert_close(np.asarray(loss, dtype), eloss, scale=max(1.0, abs(eloss)))

@@ -67,6 +67,11 @@ cdef extern from "_vecmath.h" nogil:
                               float* lse)
     void fbp_softmax_rows_f64(const double* Z, double* out, Py_ssize_t n, Py_ssize_t k,
                               double* lse)
+    double fbp_softmax_xent_f32(const float* Z, const int64_t* y, float* dZ, Py_ssize_t n,
+                                Py_ssize_t k, float scale)
+    double fbp_softmax_xent_f64(const double* Z, const int64_t* y, double* dZ, Py_ssize_t n,
+                                Py_ssize_t k, double scale)
+    int FBP_SOFTMAX_NARROW
     void fbp_tanh_f32(float* z, Py_ssize_t n)
     void fbp_tanh_f64(double* z, Py_ssize_t n)
     int fbp_max_exponent_f32(const float* x, Py_ssize_t n)
@@ -575,6 +580,12 @@ cdef double _cross_entropy_loop(const floating* Z, const int64_t* y, floating* d
         for i in range(n):
             total += <double>(_softmax_row(Z + i * k, NULL, k) - Z[i * k + y[i]])
         return total / n
+    if k <= FBP_SOFTMAX_NARROW:
+        # the loop below, fused in C
+        if floating is float:
+            return fbp_softmax_xent_f32(Z, y, dZ, n, k, inv_n) / n
+        else:
+            return fbp_softmax_xent_f64(Z, y, dZ, n, k, inv_n) / n
     start = 0
     while start < n:
         rows = min(<Py_ssize_t>SOFTMAX_CHUNK, n - start)
