@@ -138,41 +138,65 @@ FBP_CLONES static void fbp_sigmoid_##S(T *z, ptrdiff_t n)                       
  * lse[i] = log(sum(exp(Z[i]))) (libm's log, once per row). */
 #define FBP_SOFTMAX_NARROW 16
 #define FBP_DEFINE_SOFTMAX(T, S, LOG, EXPF)                                                 \
+/* Rows z[0 .. R-1] of k <= 16 classes into the columns of t (t[j][r]; rows R..15           \
+ * zero), then m[r] = the row's max, t = exp(t - m) and s[r] = the row's sum, left         \
+ * to right: every step runs across 16 rows at once. */                                  \
+static inline void fbp_softmax_block_##S(const T *z, int R, int k, T t[][16], T *m,      \
+                                         T *s)                                           \
+{                                                                                        \
+    if (R == 16) {                                                                       \
+        for (int j = 0; j < k; j++)                                                      \
+            for (int r = 0; r < 16; r++)                                                 \
+                t[j][r] = z[r * k + j];                                                  \
+    } else {                                                                             \
+        for (int j = 0; j < k; j++)                                                      \
+            for (int r = 0; r < 16; r++)                                                 \
+                t[j][r] = r < R ? z[r * k + j] : 0;                                      \
+    }                                                                                    \
+    for (int r = 0; r < 16; r++)                                                         \
+        m[r] = t[0][r];                                                                  \
+    for (int j = 1; j < k; j++)                                                          \
+        for (int r = 0; r < 16; r++)                                                     \
+            m[r] = t[j][r] > m[r] ? t[j][r] : m[r];                                      \
+    for (int j = 0; j < k; j++)                                                          \
+        for (int r = 0; r < 16; r++)                                                     \
+            t[j][r] = EXPF(t[j][r] - m[r]);                                              \
+    for (int r = 0; r < 16; r++)                                                         \
+        s[r] = 0;                                                                        \
+    for (int j = 0; j < k; j++)                                                          \
+        for (int r = 0; r < 16; r++)                                                     \
+            s[r] += t[j][r];                                                             \
+}                                                                                        \
+                                                                                         \
+/* The first R columns of t back into rows of o (R x k). */                             \
+static inline void fbp_softmax_unblock_##S(T t[][16], T *o, int R, int k)               \
+{                                                                                        \
+    if (R == 16) {                                                                       \
+        for (int j = 0; j < k; j++)                                                      \
+            for (int r = 0; r < 16; r++)                                                 \
+                o[r * k + j] = t[j][r];                                                  \
+    } else {                                                                             \
+        for (int r = 0; r < R; r++)                                                      \
+            for (int j = 0; j < k; j++)                                                  \
+                o[r * k + j] = t[j][r];                                                  \
+    }                                                                                    \
+}                                                                                        \
+                                                                                         \
 FBP_CLONES static void fbp_softmax_rows_##S(const T *Z, T *out, ptrdiff_t n, ptrdiff_t k,  \
                                             T *lse)                                      \
 {                                                                                        \
     if (k <= FBP_SOFTMAX_NARROW) {                                                       \
-        /* blocks of 16 rows transposed, so that every step runs across 16 rows */       \
         T t[FBP_SOFTMAX_NARROW][16], m[16], s[16];                                       \
         for (ptrdiff_t i0 = 0; i0 < n; i0 += 16) {                                       \
             int R = n - i0 < 16 ? (int)(n - i0) : 16;                                    \
-            const T *z = Z + i0 * k;                                                     \
-            for (int r = 0; r < 16; r++)                                                 \
-                for (ptrdiff_t j = 0; j < k; j++)                                        \
-                    t[j][r] = r < R ? z[r * k + j] : 0;                                  \
-            for (int r = 0; r < 16; r++)                                                 \
-                m[r] = t[0][r];                                                          \
-            for (ptrdiff_t j = 1; j < k; j++)                                            \
-                for (int r = 0; r < 16; r++)                                             \
-                    m[r] = t[j][r] > m[r] ? t[j][r] : m[r];                              \
-            for (ptrdiff_t j = 0; j < k; j++)                                            \
-                for (int r = 0; r < 16; r++)                                             \
-                    t[j][r] = EXPF(t[j][r] - m[r]);                                      \
-            for (int r = 0; r < 16; r++)                                                 \
-                s[r] = 0;                                                                \
-            for (ptrdiff_t j = 0; j < k; j++)                                            \
-                for (int r = 0; r < 16; r++)                                             \
-                    s[r] += t[j][r];                                                     \
-            for (ptrdiff_t j = 0; j < k; j++)                                            \
+            fbp_softmax_block_##S(Z + i0 * k, R, (int)k, t, m, s);                       \
+            for (int j = 0; j < (int)k; j++)                                             \
                 for (int r = 0; r < 16; r++)                                             \
                     t[j][r] = t[j][r] / s[r];                                            \
-            T *o = out + i0 * k;                                                         \
-            for (int r = 0; r < R; r++) {                                                \
-                for (ptrdiff_t j = 0; j < k; j++)                                        \
-                    o[r * k + j] = t[j][r];                                              \
-                if (lse != NULL)                                                         \
+            fbp_softmax_unblock_##S(t, out + i0 * k, R, (int)k);                         \
+            if (lse != NULL)                                                             \
+                for (int r = 0; r < R; r++)                                              \
                     lse[i0 + r] = LOG(s[r]) + m[r];                                      \
-            }                                                                            \
         }                                                                                \
         return;                                                                          \
     }                                                                                    \
@@ -232,46 +256,16 @@ FBP_CLONES static double fbp_softmax_xent_##S(const T *Z, const int64_t *y, T *d
         const T *z = Z + i0 * k;                                                         \
         for (int r = 0; r < 16; r++)                                                     \
             yy[r] = r < R ? (int)y[i0 + r] : 0;                                          \
-        if (R == 16) {                                                                   \
-            for (int j = 0; j < kk; j++)                                                 \
-                for (int r = 0; r < 16; r++)                                             \
-                    t[j][r] = z[r * k + j];                                              \
-        } else {                                                                         \
-            for (int j = 0; j < kk; j++)                                                 \
-                for (int r = 0; r < 16; r++)                                             \
-                    t[j][r] = r < R ? z[r * k + j] : 0;                                  \
-        }                                                                                \
-        for (int r = 0; r < 16; r++) {                                                   \
-            zy[r] = t[yy[r]][r];                                                         \
-            m[r] = t[0][r];                                                              \
-        }                                                                                \
-        for (int j = 1; j < kk; j++)                                                     \
-            for (int r = 0; r < 16; r++)                                                 \
-                m[r] = t[j][r] > m[r] ? t[j][r] : m[r];                                  \
-        for (int j = 0; j < kk; j++)                                                     \
-            for (int r = 0; r < 16; r++)                                                 \
-                t[j][r] = EXPF(t[j][r] - m[r]);                                          \
-        for (int r = 0; r < 16; r++)                                                     \
-            s[r] = 0;                                                                    \
-        for (int j = 0; j < kk; j++)                                                     \
-            for (int r = 0; r < 16; r++)                                                 \
-                s[r] += t[j][r];                                                         \
+        for (int r = 0; r < R; r++) /* before dZ (which may be Z) is written */          \
+            zy[r] = z[r * k + yy[r]];                                                    \
+        fbp_softmax_block_##S(z, R, kk, t, m, s);                                        \
         for (int j = 0; j < kk; j++)                                                     \
             for (int r = 0; r < 16; r++) {                                               \
                 T q = t[j][r] / s[r];                                                    \
                 q = yy[r] == j ? q - 1 : q;                                              \
                 t[j][r] = q * scale;                                                     \
             }                                                                            \
-        T *o = dZ + i0 * k;                                                              \
-        if (R == 16) {                                                                   \
-            for (int j = 0; j < kk; j++)                                                 \
-                for (int r = 0; r < 16; r++)                                             \
-                    o[r * k + j] = t[j][r];                                              \
-        } else {                                                                         \
-            for (int r = 0; r < R; r++)                                                  \
-                for (int j = 0; j < kk; j++)                                             \
-                    o[r * k + j] = t[j][r];                                              \
-        }                                                                                \
+        fbp_softmax_unblock_##S(t, dZ + i0 * k, R, kk);                                  \
         for (int r = 0; r < R; r++)                                                      \
             total += (double)((LOG(s[r]) + m[r]) - zy[r]);                               \
     }                                                                                    \
