@@ -242,9 +242,8 @@ FBP_CLONES static void fbp_softmax_rows_##S(const T *Z, T *out, ptrdiff_t n, ptr
  * may be Z) = (softmax(Z) - onehot(y)) * scale, and the return value is the sum over    \
  * rows, in their order and in double, of lse - Z[i, y[i]] rounded to T. The same       \
  * operations in the same order as fbp_softmax_rows followed by _kernels.pyx's           \
- * _cross_entropy_loop (the same bits); fused, with the label's column picked out in     \
- * the transposed block, a 32 x 10 batch takes 1.18 us against 1.51. Labels must be     \
- * valid (0 <= y[i] < k). */                                                             \
+ * _cross_entropy_loop (the same bits); fused, a 32 x 10 batch takes 1.2 us against     \
+ * 1.5, 128 x 10 4.6 us against 6.0. Labels must be valid (0 <= y[i] < k). */           \
 FBP_CLONES static double fbp_softmax_xent_##S(const T *Z, const int64_t *y, T *dZ,      \
                                               ptrdiff_t n, ptrdiff_t k, T scale)         \
 {                                                                                        \
@@ -347,9 +346,9 @@ FBP_CLONES static void fbp_tanh_f64(double *z, ptrdiff_t n)
  * infinite, i.e. whether that field is not all ones. Both from the largest
  * element with its sign bit cleared, read as an unsigned integer (U, of T's
  * width): a larger exponent field is a larger integer, so that element's field
- * is the largest one. Integer max reductions vectorise without -ffast-math;
- * two operations per element (a shift and mask per element before the max, or
- * an OR of field + 1 for all_finite, took 1.8x as long). */
+ * is the largest one. Integer max reductions vectorise without -ffast-math.
+ * Two operations per element: shifting and masking each element before the
+ * max took 1.8x as long. */
 #define FBP_DEFINE_SCANS(T, S, U, SHIFT, MASK)                                           \
 static inline U fbp_max_magnitude_##S(const T *x, ptrdiff_t n)                          \
 {                                                                                        \
