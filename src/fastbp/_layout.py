@@ -1,5 +1,24 @@
 """The memory layout of a network: one flat parameter buffer, one flat work buffer."""
 
+import numpy as np
+
+#: Where fastbp's own buffers start: a cache line. An AVX-512 load or store that
+#: straddles two lines costs about two; NumPy only promises 16 bytes.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype, fill=None):
+    """An uninitialised array (filled with `fill` if given) whose data starts on a
+    64-byte boundary: a view into a slightly larger buffer."""
+    dtype = np.dtype(dtype)
+    nbytes = _size(shape if isinstance(shape, tuple) else (shape,)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    if fill is not None:
+        out[...] = fill
+    return out
+
 
 def mlp_views(sizes, n, params, A, D, grad):
     """Views of a flat MLP for a batch of n rows.

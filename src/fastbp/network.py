@@ -7,7 +7,7 @@ import numpy as np
 
 from ._backend import get_backend
 from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS, check_choice
-from ._layout import mlp_views
+from ._layout import aligned_empty, mlp_views
 from . import train as _train
 from .init import check_init, initial_parameters
 from .optim import SGD, Adam, AdamW, Optimizer
@@ -123,12 +123,12 @@ class MLP:
         self._rng = np.random.default_rng(seed)
 
         # One flat buffer; each W and b is a view into it (DESIGN.md, contract 7).
-        self.params = np.empty(self.n_params, dtype=self.dtype)
+        self.params = aligned_empty(self.n_params, self.dtype)
         self.weights, self.biases = self._layer_views(self.params)
         for (W0, b0), W, b in zip(initial_parameters(init, sizes, self._rng), self.weights, self.biases):
             W[...] = W0
             b[...] = b0
-        self._grad = np.empty_like(self.params)
+        self._grad = aligned_empty(self.n_params, self.dtype)
         # Layer activations during training: logits for the two classification losses.
         self._train_activations = activations + (output or "identity",)
         self._capacity = 0
@@ -337,8 +337,8 @@ class MLP:
         """
         if n > self._capacity:
             size = n * sum(self.sizes[1:])
-            self._A = np.empty(size, self.dtype)
-            self._D = np.empty(size, self.dtype)
+            self._A = aligned_empty(size, self.dtype)
+            self._D = aligned_empty(size, self.dtype)
             self._capacity = n
             self._workspace_rows = None
         if self._workspace_rows != n:
@@ -549,7 +549,7 @@ class MLP:
         rows = min(batch_size, n)
         self._workspace(rows)
         if getattr(self, "_batch_rows", 0) < rows:
-            self._X_batch = np.empty((rows, self.n_features), self.dtype)
+            self._X_batch = aligned_empty((rows, self.n_features), self.dtype)
             self._y_batch = (np.empty(rows, np.int64) if self.loss == "cross_entropy"
                              else np.empty((rows, self.n_outputs), self.dtype))
             self._batch_rows = rows

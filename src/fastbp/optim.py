@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from ._backend import get_backend
+from ._layout import aligned_empty
 from ._checks import FLOAT_DTYPES
 
 
@@ -183,7 +184,7 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         self.weight_decay = weight_decay
         self.maximize = maximize
-        self.momentum_buffer = np.zeros_like(params) if momentum != 0 else None
+        self.momentum_buffer = aligned_empty(params.shape, params.dtype, 0) if momentum != 0 else None
 
     _state_arrays = ("momentum_buffer",)
 
@@ -249,9 +250,9 @@ class Adam(Optimizer):
         self.weight_decay = weight_decay
         self.amsgrad = amsgrad
         self.maximize = maximize
-        self.exp_avg = np.zeros_like(params)
-        self.exp_avg_sq = np.zeros_like(params)
-        self.max_exp_avg_sq = np.zeros_like(params) if amsgrad else None
+        self.exp_avg = aligned_empty(params.shape, params.dtype, 0)
+        self.exp_avg_sq = aligned_empty(params.shape, params.dtype, 0)
+        self.max_exp_avg_sq = aligned_empty(params.shape, params.dtype, 0) if amsgrad else None
 
     _state_arrays = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
