@@ -6,8 +6,8 @@ import numbers
 import numpy as np
 
 from ._backend import get_backend
-from ._layout import aligned_empty
 from ._checks import FLOAT_DTYPES
+from ._layout import aligned_empty
 
 
 def _check_hyper(name, value, minimum=0.0):
