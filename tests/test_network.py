@@ -470,3 +470,34 @@ def test_repr_names_the_configuration():
 
 def test_kernels_module_is_the_reference_for_numpy_backend():
     assert fastbp.MLP([2, 2], backend="numpy")._kernels is reference
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_network_and_its_optimizer_survive_pickle_and_deepcopy(backend, how):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 4)), rng.integers(0, 3, 40)
+    net = fastbp.MLP([4, 5, 3], seed=0, backend=backend)
+    opt = fastbp.SGD(net.params, lr=0.1, momentum=0.9, backend=backend)
+    net.fit(X, y, epochs=2, batch_size=8, optimizer=opt)
+    twin, twin_opt = (pickle.loads(pickle.dumps((net, opt))) if how == "pickle"
+                      else copy.deepcopy((net, opt)))
+    assert twin.params is not net.params and twin_opt.params is twin.params
+    np.testing.assert_array_equal(twin.params, net.params)
+    np.testing.assert_array_equal(twin_opt.momentum_buffer, opt.momentum_buffer)
+    for W, b in zip(twin.weights, twin.biases):  # views of the restored params again
+        assert np.shares_memory(W, twin.params) and np.shares_memory(b, twin.params)
+    twin.weights[0][0, 0] = 5.0
+    assert twin.params[0] == 5.0 and net.params[0] != 5.0
+    twin.params[0] = net.params[0]
+    # both go on training the same way, and neither touches the other
+    before = net.params.copy()
+    h_twin = twin.fit(X, y, epochs=2, batch_size=8, optimizer=twin_opt)
+    np.testing.assert_array_equal(net.params, before)
+    h_net = net.fit(X, y, epochs=2, batch_size=8, optimizer=opt)
+    np.testing.assert_array_equal(twin.params, net.params)
+    assert h_twin.loss == h_net.loss and twin.epoch_ == net.epoch_ == 4
+    np.testing.assert_array_equal(twin.predict(X), net.predict(X))

@@ -247,6 +247,25 @@ class MLP:
         views = mlp_views(self.sizes, 0, flat, None, None, None)
         return views[0], views[1]
 
+    # pickle and copy.deepcopy: the backend module and the work buffers are not
+    # state. weights and biases are rebuilt as views of params (pickle would restore
+    # them as copies that no longer follow params); params itself stays the restored
+    # object, so that an optimizer pickled with the network still updates it.
+    _UNPICKLED = ("_kernels", "_net_step", "weights", "biases", "_grad", "_A", "_D",
+                  "_workspace_views", "_X_batch", "_y_batch", "_batch_rows")
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in MLP._UNPICKLED}
+        state["_capacity"], state["_workspace_rows"] = 0, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._kernels = get_backend(self.backend)
+        self._net_step = getattr(self._kernels, "_net_step", None)
+        self.weights, self.biases = self._layer_views(self.params)
+        self._grad = aligned_empty(self.n_params, self.dtype)
+
     def __repr__(self):
         act = self.activations[0] if len(set(self.activations)) == 1 else list(self.activations)
         extra = f", output={self.output!r}" if self.loss == "mse" else ""

@@ -74,6 +74,16 @@ class Optimizer:
         """A new optimizer of the same kind and settings on `params`, with fresh state."""
         return type(self)(params, **self._config)
 
+    # pickle and copy.deepcopy: the backend module is looked up again by name
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_kernels"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._kernels = None if self.backend is None else get_backend(self.backend)
+
     def state(self):
         """The optimizer's state: copies of its state arrays and its step count."""
         state = {"step_count": self.step_count}
