@@ -112,10 +112,8 @@ class MLP:
             raise ValueError(f"output= applies only to loss='mse'; loss {loss!r} fixes its own output")
         self._init = init = check_init(init)
         self.dtype = _check_dtype(dtype)
-        self._kernels = get_backend(backend)
-        # the compiled backend's one-call path for step (the reference has none)
-        self._net_step = getattr(self._kernels, "_net_step", None)
         self.backend = backend
+        self._bind_backend()
         self.sizes = sizes
         self.activations = activations
         self.loss = loss
@@ -247,6 +245,12 @@ class MLP:
         views = mlp_views(self.sizes, 0, flat, None, None, None)
         return views[0], views[1]
 
+    def _bind_backend(self):
+        """The kernels module named by self.backend, and the compiled backend's
+        one-call path for step (the reference has none)."""
+        self._kernels = get_backend(self.backend)
+        self._net_step = getattr(self._kernels, "_net_step", None)
+
     # pickle and copy.deepcopy: the backend module and the work buffers are not
     # state. weights and biases are rebuilt as views of params (pickle would restore
     # them as copies that no longer follow params); params itself stays the restored
@@ -261,8 +265,7 @@ class MLP:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._kernels = get_backend(self.backend)
-        self._net_step = getattr(self._kernels, "_net_step", None)
+        self._bind_backend()
         self.weights, self.biases = self._layer_views(self.params)
         self._grad = aligned_empty(self.n_params, self.dtype)
 
