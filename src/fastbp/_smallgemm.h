@@ -54,15 +54,16 @@
 __attribute__((target("avx512f"), always_inline))
 static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *p, ptrdiff_t pw)
 {
-    /* rows i and i + 4 share a register (low and high 128-bit lanes): the loads
-     * with inserts do what a third stage of cross-lane shuffles would */
-#define FBP_ROWPAIR(i) _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld)), \
-                                            _mm_loadu_ps(r + ((i) + 4) * ld), 1)
-    __m256 r0 = FBP_ROWPAIR(0), r1 = FBP_ROWPAIR(1), r2 = FBP_ROWPAIR(2), r3 = FBP_ROWPAIR(3);
-#undef FBP_ROWPAIR
-#define FBP_ROWPAIR(i) _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld + 4)), \
-                                            _mm_loadu_ps(r + ((i) + 4) * ld + 4), 1)
-    __m256 r4 = FBP_ROWPAIR(0), r5 = FBP_ROWPAIR(1), r6 = FBP_ROWPAIR(2), r7 = FBP_ROWPAIR(3);
+    /* columns k .. k + 3 of rows i and i + 4 in the low and high 128-bit lanes of
+     * one register: the loads with inserts do what a third stage of cross-lane
+     * shuffles would */
+#define FBP_ROWPAIR(i, k)                                                          \
+    _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld + (k))), \
+                         _mm_loadu_ps(r + ((i) + 4) * ld + (k)), 1)
+    __m256 r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
+    __m256 r2 = FBP_ROWPAIR(2, 0), r3 = FBP_ROWPAIR(3, 0);
+    __m256 r4 = FBP_ROWPAIR(0, 4), r5 = FBP_ROWPAIR(1, 4);
+    __m256 r6 = FBP_ROWPAIR(2, 4), r7 = FBP_ROWPAIR(3, 4);
 #undef FBP_ROWPAIR
     __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
     __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
@@ -86,8 +87,10 @@ __attribute__((target("avx512f"), always_inline))
 static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double *p,
                                            ptrdiff_t pw)
 {
-#define FBP_ROWPAIR(i, k) _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r + (i) * ld + (k))), \
-                                               _mm_loadu_pd(r + ((i) + 2) * ld + (k)), 1)
+    /* columns k and k + 1 of rows i and i + 2, as above */
+#define FBP_ROWPAIR(i, k)                                                          \
+    _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r + (i) * ld + (k))), \
+                         _mm_loadu_pd(r + ((i) + 2) * ld + (k)), 1)
     __m256d r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
     __m256d r2 = FBP_ROWPAIR(0, 2), r3 = FBP_ROWPAIR(1, 2);
 #undef FBP_ROWPAIR
