@@ -1,5 +1,7 @@
 """The memory layout of a network: one flat parameter buffer, one flat work buffer."""
 
+import weakref
+
 import numpy as np
 
 #: Where fastbp's own buffers start: a cache line. An AVX-512 load or store that
@@ -18,6 +20,46 @@ def aligned_empty(shape, dtype, fill=None):
     if fill is not None:
         out[...] = fill
     return out
+
+
+class _AlignedOnLoad:
+    """Stands for an array in a state being pickled or deep-copied, which then comes
+    back as an aligned copy (`aligned_empty`; NumPy's own unpickling gives 16 bytes)."""
+
+    __slots__ = ("array", "__weakref__")
+
+    def __init__(self, array):
+        self.array = array
+
+    def __reduce__(self):
+        return _aligned_copy, (self.array,)
+
+
+# id(array) -> its stand-in, while a pickling or a deepcopy holds the stand-in
+_STAND_INS = weakref.WeakValueDictionary()
+
+
+def aligned_on_load(array):
+    """What to put in a `__getstate__` for `array` (None passes through) so that it
+    is restored 64-byte aligned. An array that two objects share (a network's
+    params and its optimizer's) gets one stand-in for as long as the pickling
+    holds it, so pickle's and deepcopy's memo restore it once, still shared."""
+    if array is None:
+        return None
+    stand_in = _STAND_INS.get(id(array))
+    if stand_in is None or stand_in.array is not array:
+        stand_in = _STAND_INS[id(array)] = _AlignedOnLoad(array)
+    return stand_in
+
+
+def _aligned_copy(array):
+    return aligned_empty(array.shape, array.dtype, fill=array)
+
+
+def restored(value):
+    """In a `__setstate__`: the array itself where `copy.copy` (which copies no
+    state) hands back the stand-in of `aligned_on_load`; else `value`."""
+    return value.array if isinstance(value, _AlignedOnLoad) else value
 
 
 def mlp_views(sizes, n, params, A, D, grad):

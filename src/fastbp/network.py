@@ -7,7 +7,7 @@ import numpy as np
 
 from ._backend import get_backend
 from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS, check_choice
-from ._layout import aligned_empty, mlp_views
+from ._layout import aligned_empty, aligned_on_load, mlp_views, restored
 from . import train as _train
 from .init import check_init, initial_parameters
 from .optim import SGD, Adam, AdamW, Optimizer
@@ -253,18 +253,21 @@ class MLP:
 
     # pickle and copy.deepcopy: the backend module and the work buffers are not
     # state. weights and biases are rebuilt as views of params (pickle would restore
-    # them as copies that no longer follow params); params itself stays the restored
-    # object, so that an optimizer pickled with the network still updates it.
+    # them as copies that no longer follow params); params comes back 64-byte
+    # aligned and one object, so that an optimizer pickled with the network still
+    # updates it.
     _UNPICKLED = ("_kernels", "_net_step", "weights", "biases", "_grad", "_A", "_D",
                   "_workspace_views", "_X_batch", "_y_batch", "_batch_rows")
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k not in MLP._UNPICKLED}
         state["_capacity"], state["_workspace_rows"] = 0, None
+        state["params"] = aligned_on_load(self.params)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.params = restored(self.params)
         self._bind_backend()
         self.weights, self.biases = self._layer_views(self.params)
         self._grad = aligned_empty(self.n_params, self.dtype)

@@ -7,7 +7,7 @@ import numpy as np
 
 from ._backend import get_backend
 from ._checks import FLOAT_DTYPES
-from ._layout import aligned_empty
+from ._layout import aligned_empty, aligned_on_load, restored
 
 
 def _check_hyper(name, value, minimum=0.0):
@@ -74,14 +74,20 @@ class Optimizer:
         """A new optimizer of the same kind and settings on `params`, with fresh state."""
         return type(self)(params, **self._config)
 
-    # pickle and copy.deepcopy: the backend module is looked up again by name
+    # pickle and copy.deepcopy: the backend module is looked up again by name; the
+    # parameters and the state arrays come back 64-byte aligned, the parameters
+    # still the network's own when both are pickled together
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_kernels"] = None
+        for name in ("params",) + self._state_arrays:
+            state[name] = aligned_on_load(state[name])
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        for name in ("params",) + self._state_arrays:
+            setattr(self, name, restored(getattr(self, name)))
         self._kernels = None if self.backend is None else get_backend(self.backend)
 
     def state(self):
