@@ -320,10 +320,10 @@ def format_table(rows, info):
     lines = ["workload  dtype   fastbp steps/s  " + "  ".join(f"x {p:<12}" for p in peers)
              + "  % GEMM floor   in fit: steps/s  % floor"]
     for r in rows:
-        cells = [f"{r['speedup'][p]:>14.2f}" if p in r["speedup"] else f"{'-':>14}" for p in peers]
+        cells = [f"{r['speedup'][p]:>14.3f}" if p in r["speedup"] else f"{'-':>14}" for p in peers]
         lines.append(f"{r['workload']:<9} {r['dtype']:<7} {r['steps_per_s']['fastbp-cython']:>14.1f}  "
-                     + "  ".join(cells) + f"  {r['percent_of_gemm_floor']:>12.0f}"
-                     + f"   {r['steps_per_s']['fastbp-epoch']:>15.1f}  {r['epoch_percent_of_gemm_floor']:>7.0f}")
+                     + "  ".join(cells) + f"  {r['percent_of_gemm_floor']:>12.1f}"
+                     + f"   {r['steps_per_s']['fastbp-epoch']:>15.1f}  {r['epoch_percent_of_gemm_floor']:>7.1f}")
     lines.append("x peer: fastbp's net.step speed over the peer's (same batch, medians of interleaved "
                  "rounds); in fit: per step of the compiled epoch fit runs")
     lines.append("machine: " + f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
