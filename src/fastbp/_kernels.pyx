@@ -82,8 +82,6 @@ cdef extern from "_vecmath.h" nogil:
                           float slope)
     void fbp_bias_act_f64(double* Z, const double* b, Py_ssize_t n, Py_ssize_t m, int act,
                           double slope)
-    float fbp_derivative_f32(float a, int act, float slope)
-    double fbp_derivative_f64(double a, int act, double slope)
     void fbp_act_backward_f32(const float* A, const float* dA, float* out, Py_ssize_t size,
                               int act, float slope)
     void fbp_act_backward_f64(const double* A, const double* dA, double* out, Py_ssize_t size,
@@ -192,14 +190,6 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
         return fbp_sigmoid1_f32(z)
     else:
         return fbp_sigmoid1_f64(z)
-
-
-cdef inline floating _derivative_from_output(floating a, int act) noexcept nogil:
-    """act'(z) from a = act(z) (the one definition is in _vecmath.h)."""
-    if floating is float:
-        return fbp_derivative_f32(a, act, <float>_LEAKY_SLOPE)
-    else:
-        return fbp_derivative_f64(a, act, _LEAKY_SLOPE)
 
 
 # ---------------------------------------------------------------------------
