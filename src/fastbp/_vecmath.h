@@ -375,8 +375,18 @@ FBP_CLONES static int fbp_all_finite_##S(const T *x, ptrdiff_t n)               
 FBP_DEFINE_SCANS(float, f32, uint32_t, 23, 0xffu)
 FBP_DEFINE_SCANS(double, f64, uint64_t, 52, 0x7ffu)
 
-/* 8 doubles: the lanes of fbp_sum_squares_* (below). */
+/* 8 doubles: the lanes of fbp_sum_squares_* and fbp_mse_* (below). */
 typedef double fbp_v8d __attribute__((vector_size(64)));
+
+/* Their 32 lanes added pairwise in a fixed order (lane j + w into lane j), so that
+ * every clone gives the same bits. */
+static inline double fbp_fold32(double *lane)
+{
+    for (int w = 16; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++)
+            lane[j] += lane[j + w];
+    return lane[0];
+}
 
 /* Activation codes, in the order of fastbp._checks.ACTIVATIONS (_kernels.pyx
  * takes its names for them from here). */
@@ -515,10 +525,7 @@ FBP_CLONES static double fbp_sum_squares_##S(const T *a, const T *b, ptrdiff_t s
         double x = sub ? (double)(T)(a[i] - b[i]) : (double)a[i];                        \
         lane[j] += x * x;                                                                \
     }                                                                                    \
-    for (int w = 16; w >= 1; w /= 2) /* pairwise: lane j + w into lane j */              \
-        for (int j = 0; j < w; j++)                                                      \
-            lane[j] += lane[j + w];                                                      \
-    return lane[0];                                                                      \
+    return fbp_fold32(lane);                                                             \
 }                                                                                        \
                                                                                          \
 /* Mean squared error: returns the sum over i of (A[i] - Y[i])^2, each square            \
@@ -557,10 +564,7 @@ static inline double fbp_mse_span_##S(const T *A, const T *Y, T *dZ, ptrdiff_t s
         if (dZ != NULL)                                                                  \
             dZ[i] = r * scale * fbp_derivative_##S(a, act, 0);                           \
     }                                                                                    \
-    for (int w = 16; w >= 1; w /= 2) /* pairwise: lane j + w into lane j */              \
-        for (int j = 0; j < w; j++)                                                      \
-            lane[j] += lane[j + w];                                                      \
-    return lane[0];                                                                      \
+    return fbp_fold32(lane);                                                             \
 }                                                                                        \
                                                                                          \
 /* act: FBP_IDENTITY, FBP_SIGMOID or FBP_TANH (the output activations of mse). */        \
