@@ -240,8 +240,7 @@ OPTIMIZERS = {
 def test_step_one_call_path_gives_the_general_paths_bits(name, optimizer):
     # MLP.step hands its common case to the compiled backend's _net_step, which
     # reads the arguments in C; it must be taken from the second step of a batch
-    # size on (the first sets up the workspace), step aside for binary
-    # cross-entropy, and change nothing in the result
+    # size on (the first sets up the workspace) and change nothing in the result
     X, y = make_data(CONFIGS[name], n=12)
     X = X.astype(np.float32)
     y = y.astype(np.float32) if y.dtype.kind == "f" else y
@@ -257,22 +256,27 @@ def test_step_one_call_path_gives_the_general_paths_bits(name, optimizer):
     state = lambda opt: {k: v.tobytes() if isinstance(v, np.ndarray) else v
                          for k, v in opt.state().items()}
     assert state(opt_fast) == state(opt_slow) and opt_fast.step_count == 4
-    if name == "bce":
-        assert returned == [None] * 4
-    else:
-        assert returned[0] is None and None not in returned[1:] and len(returned) == 4
+    assert returned[0] is None and None not in returned[1:] and len(returned) == 4
     # a batch the kernel refuses: the one-call step declines, changing nothing, and
     # the general path says why
-    X_bad, y_bad = X.copy(), y.copy()
+    X_bad = X.copy()
     X_bad[3, 1] = np.nan
+    bad = [(X_bad, y, "NaN")]
     if name == "ce-deep-mixed":
+        y_bad = y.copy()
         y_bad[5] = 3  # and out of range, alone
+        bad.append((X, y_bad, r"y\[5\] = 3"))
+    elif name == "bce":  # targets outside [0, 1], which only the network checks
+        for value in (1.5, -0.25, np.nan):
+            y_bad = y.copy()
+            y_bad[5, 0] = value
+            bad.append((X, y_bad, r"\[0, 1\]" if value == value else "NaN"))
     before, before_state = fast.params.tobytes(), state(opt_fast)
-    for Xb, yb, message in [(X_bad, y, "NaN"), (X, y_bad, r"y\[5\] = 3")][:1 + (name == "ce-deep-mixed")]:
+    for k, (Xb, yb, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):
             fast.step(Xb, yb, opt_fast)
         assert fast.params.tobytes() == before and state(opt_fast) == before_state
-        assert returned[-1] is None and len(returned) == 5 + (yb is y_bad)
+        assert returned[-1] is None and len(returned) == 5 + k
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)

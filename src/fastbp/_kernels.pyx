@@ -94,6 +94,9 @@ cdef extern from "_vecmath.h" nogil:
                        float scale)
     double fbp_mse_f64(const double* A, const double* Y, double* dZ, Py_ssize_t size, int act,
                        double scale)
+    double fbp_bce_f32(const float* Z, const float* Y, float* dZ, Py_ssize_t size, float scale)
+    double fbp_bce_f64(const double* Z, const double* Y, double* dZ, Py_ssize_t size,
+                       double scale)
     Py_ssize_t fbp_count_saturated_f32(const float* A, Py_ssize_t size, int act, float below)
     Py_ssize_t fbp_count_saturated_f64(const double* A, Py_ssize_t size, int act, double below)
     Py_ssize_t fbp_count_dead_f32(const float* A, Py_ssize_t n, Py_ssize_t m)
@@ -650,21 +653,12 @@ cdef double _mse_loop(const floating* A, const floating* Y, floating* dZ, Py_ssi
 
 cdef double _bce_loop(const floating* Z, const floating* Y, floating* dZ,
                       Py_ssize_t size) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double total = 0
-    cdef floating z, t, inv_size = 1 / <floating>size
-    for i in range(size):
-        z = Z[i]
-        t = Y[i]
-        # max(z, 0) - z t + log(1 + exp(-|z|)): no overflow for any finite z
-        total += <double>((z if z > 0 else 0) - z * t)
-        if floating is float:
-            total += <double>log1pf(_exp(-fabs(z)))
-        else:
-            total += log1p(_exp(-fabs(z)))
-        if dZ != NULL:
-            dZ[i] = (_sigmoid(z) - t) * inv_size
-    return total / size
+    # max(z, 0) - z t + log(1 + exp(-|z|)) (no overflow for any finite z) summed in
+    # double over 32 lanes, dZ = (sigmoid(z) - t) * (1 / size)
+    if floating is float:
+        return fbp_bce_f32(Z, Y, dZ, size, 1 / <float>size) / size
+    else:
+        return fbp_bce_f64(Z, Y, dZ, size, 1 / <double>size) / size
 
 
 def _elementwise_loss(str kernel, const floating[:, ::1] P, const floating[:, ::1] Y,
@@ -1933,6 +1927,30 @@ def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, 
         raise ValueError("invalid arguments to mlp_adam_step")
 
 
+cdef bint _in_unit_interval(object y, object X):
+    """y is a C-contiguous 2-D array of X's float type with every element in [0, 1]
+    (NaN fails): binary cross-entropy's targets, which the network checks (the
+    kernels take any). One pass without early exit, so that it vectorises."""
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
+    if not _c_array(y, t, 2, False):
+        return False
+    cdef Py_ssize_t i, size = cnp.PyArray_SIZE(<cnp.ndarray>y)
+    cdef const float* f
+    cdef const double* d
+    cdef bint bad = False
+    if t == cnp.NPY_FLOAT32:
+        f = <const float*>cnp.PyArray_DATA(<cnp.ndarray>y)
+        for i in range(size):
+            bad |= not (f[i] >= 0 and f[i] <= 1)
+    elif t == cnp.NPY_FLOAT64:
+        d = <const double*>cnp.PyArray_DATA(<cnp.ndarray>y)
+        for i in range(size):
+            bad |= not (d[i] >= 0 and d[i] <= 1)
+    else:
+        return False
+    return not bad
+
+
 def _net_step(net, X, y, o, bint adam):
     """`fastbp.MLP.step`'s common case in one call: `net` and an optimizer `o` it runs
     compiled (SGD, or Adam/AdamW when `adam`), plain ndarrays, a batch of the row count
@@ -1950,9 +1968,9 @@ def _net_step(net, X, y, o, bint adam):
     loss = net.loss
     if loss == "cross_entropy":
         labels, targets = y, None
-    elif loss == "mse":
+    elif loss == "mse" or _in_unit_interval(y, X):
         labels, targets = None, y
-    else:  # binary cross-entropy: its target range is checked in Python
+    else:  # binary cross-entropy's targets outside [0, 1] (or not X's kind of array)
         return None
     train_acts = net._train_activations
     output = train_acts[len(train_acts) - 1]  # (no negative indices: wraparound is off)
