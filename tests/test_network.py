@@ -279,6 +279,36 @@ def test_step_one_call_path_gives_the_general_paths_bits(name, optimizer):
         assert returned[-1] is None and len(returned) == 5 + k
 
 
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+def test_step_one_call_path_takes_1d_targets_of_one_output(loss, optimizer):
+    # y of shape (n,) for a one-output network, as fit and scikit-learn take it:
+    # the one-call step reads it as a column, with the bits of the general path
+    # given the (n, 1) column; for wider networks it declines and the general
+    # path names the shape
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(10, 4)).astype(np.float32)
+    y = (rng.random(10) < 0.5).astype(np.float32)
+    fast = fastbp.MLP([4, 6, 1], loss=loss, dtype=np.float32, seed=1)
+    slow = fastbp.MLP([4, 6, 1], loss=loss, dtype=np.float32, seed=1)
+    slow._net_step = None
+    returned = []
+    one_call = fast._net_step
+    fast._net_step = lambda *args: returned.append(one_call(*args)) or returned[-1]
+    opt_fast, opt_slow = OPTIMIZERS[optimizer](fast.params), OPTIMIZERS[optimizer](slow.params)
+    for _ in range(3):
+        assert fast.step(X, y, opt_fast) == slow.step(X, y[:, None].copy(), opt_slow)
+    assert fast.params.tobytes() == slow.params.tobytes()
+    assert returned[0] is None and None not in returned[1:]
+    wide = fastbp.MLP([4, 6, 2], loss=loss, dtype=np.float32, seed=1)
+    opt = OPTIMIZERS[optimizer](wide.params)
+    wide.step(X, np.zeros((10, 2), np.float32), opt)
+    before = wide.params.tobytes()
+    with pytest.raises(ValueError, match=r"shape \(n_samples, 2\)"):
+        wide.step(X, y, opt)
+    assert wide.params.tobytes() == before
+
+
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_training_reduces_the_loss(backend):
     rng = np.random.default_rng(0)

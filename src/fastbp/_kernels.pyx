@@ -1280,10 +1280,11 @@ cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
 
 cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targets,
                                object params, object A, object D, object grad,
-                               object buf) except -2:
+                               object buf, bint column_targets=False) except -2:
     """Fill g from plain ndarrays through NumPy's C API (no memoryview objects).
     Returns their NumPy type number, or -1 when they are not all C-contiguous
-    arrays of one float type (labels int64), outputs writable."""
+    arrays of one float type (labels int64), outputs writable. column_targets:
+    1-D targets stand for one column (a network's (n,) y for one output)."""
     if not cnp.PyArray_Check(X):
         return -1
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
@@ -1292,7 +1293,8 @@ cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targ
     if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, True) and _c_array(A, t, 1, True)
             and _c_array(D, t, 1, True) and _c_array(grad, t, 1, True)
             and (labels is None or _c_array(labels, cnp.NPY_INT64, 1, False))
-            and (targets is None or _c_array(targets, t, 2, False))
+            and (targets is None or _c_array(targets, t, 2, False)
+                 or (column_targets and _c_array(targets, t, 1, False)))
             and (buf is None or _c_array(buf, t, 1, True))):
         return -1
     cdef cnp.ndarray a
@@ -1307,7 +1309,8 @@ cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targ
     g.targets, g.t_rows, g.t_cols = NULL, 0, 0
     if g.has_targets:
         a = <cnp.ndarray>targets
-        g.targets, g.t_rows, g.t_cols = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1)
+        g.targets, g.t_rows = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+        g.t_cols = cnp.PyArray_DIM(a, 1) if cnp.PyArray_NDIM(a) == 2 else 1
     a = <cnp.ndarray>params
     g.params, g.params_len = cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
     a = <cnp.ndarray>A
@@ -1389,7 +1392,7 @@ cdef object _sgd_step_direct(object X, object labels, object targets, object par
                              tuple activations, str loss, str output, object A, object D,
                              object grad, object buf, double lr, double momentum,
                              double dampening, bint nesterov, double weight_decay, bint maximize,
-                             bint first_step):
+                             bint first_step, bint column_targets=False):
     """`mlp_sgd_step` on plain ndarrays, read through NumPy's C API: no memoryview
     objects, so a step allocates nothing. Returns None when the arguments are not
     of that kind or fail a check: the general path then runs (and names the error)."""
@@ -1400,7 +1403,8 @@ cdef object _sgd_step_direct(object X, object labels, object targets, object par
     if nesterov and (momentum <= 0 or dampening != 0):
         return None
     cdef _NetArgs g
-    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, buf)
+    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, buf,
+                                       column_targets)
     if t < 0:
         return None
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
@@ -1825,11 +1829,13 @@ cdef object _adam_step_direct(object X, object labels, object targets, object pa
                               tuple activations, str loss, str output, object A, object D,
                               object grad, object m, object v, object vmax, long step, double lr,
                               double beta1, double beta2, double eps, double weight_decay,
-                              bint decoupled, bint amsgrad, bint maximize):
+                              bint decoupled, bint amsgrad, bint maximize,
+                              bint column_targets=False):
     """`mlp_adam_step` on plain ndarrays through NumPy's C API (nothing allocated),
     or None for the general path, as `_sgd_step_direct`."""
     cdef _NetArgs g
-    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None)
+    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None,
+                                       column_targets)
     if t < 0 or not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
         return None
     if amsgrad and not _c_array(vmax, t, 1, True):
@@ -1928,11 +1934,11 @@ def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, 
 
 
 cdef bint _in_unit_interval(object y, object X):
-    """y is a C-contiguous 2-D array of X's float type with every element in [0, 1]
+    """y is a C-contiguous array of X's float type with every element in [0, 1]
     (NaN fails): binary cross-entropy's targets, which the network checks (the
     kernels take any). One pass without early exit, so that it vectorises."""
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
-    if not _c_array(y, t, 2, False):
+    if not _c_array(y, t, cnp.PyArray_NDIM(<cnp.ndarray>y), False):
         return False
     cdef Py_ssize_t i, size = cnp.PyArray_SIZE(<cnp.ndarray>y)
     cdef const float* f
@@ -1956,7 +1962,8 @@ def _net_step(net, X, y, o, bint adam):
     compiled (SGD, or Adam/AdamW when `adam`), plain ndarrays, a batch of the row count
     the workspace has. What `step` would pass to `mlp_sgd_step` / `mlp_adam_step` is
     read here from net and o, and o's step count advanced (step's Python around a tiny
-    step: 1.6 us of 9.3 that way, 1.0 this way). Returns the loss, or None to send the
+    step: 1.6 us of 9.3 that way, 1.0 this way). The targets of a one-output network
+    may be 1-D, as `step` takes them (the general path cost 10-20 us). Returns the loss, or None to send the
     call down `step`'s general path: when the case is not the common one, an argument
     fails a check, or the step was refused (a non-finite loss or gradient: nothing
     changed, and the general path repeats it to say why)."""
@@ -1980,13 +1987,13 @@ def _net_step(net, X, y, o, bint adam):
                 X, labels, targets, net.params, net.sizes, net.activations, loss,
                 output, net._A, net._D, net._grad, o.exp_avg, o.exp_avg_sq,
                 o.max_exp_avg_sq, o.step_count + 1, o._lr, o.betas[0], o.betas[1], o.eps,
-                o.weight_decay, o._decoupled, o.amsgrad, o.maximize)
+                o.weight_decay, o._decoupled, o.amsgrad, o.maximize, True)
         else:
             result = _sgd_step_direct(
                 X, labels, targets, net.params, net.sizes, net.activations, loss,
                 output, net._A, net._D, net._grad, o.momentum_buffer, o._lr,
                 o.momentum, o.dampening, o.nesterov, o.weight_decay, o.maximize,
-                o.step_count == 0)
+                o.step_count == 0, True)
     except (TypeError, ValueError, KeyError, OverflowError):
         return None
     if result is None or result[1]:
