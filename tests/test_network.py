@@ -426,9 +426,14 @@ def test_bad_first_step_changes_nothing(case):
     assert net.params.tobytes() == before and opt.step_count == 0
 
 
-def test_step_converts_what_the_kernel_refuses():
+def test_step_converts_what_the_kernel_refuses(monkeypatch):
     # float64 X, int32 labels, a Fortran-ordered X and lists take a float32
-    # network's step through conversion, to the same result as its own layout
+    # network's step through conversion, to the same result as its own layout,
+    # converted before any kernel call (a refused call builds an error message
+    # first, which cost four tiny steps)
+    from fastbp import _kernels
+    refused = []
+    monkeypatch.setattr(_kernels, "check_step_call", lambda *args: refused.append(args))
     rng = np.random.default_rng(0)
     X = rng.normal(size=(6, 5)).astype(np.float32)
     y = rng.integers(0, 4, 6)
@@ -437,6 +442,7 @@ def test_step_converts_what_the_kernel_refuses():
                (np.asfortranarray(X), y), (X.tolist(), y.tolist())]
     losses = [net.step(Xb, yb, fastbp.SGD(net.params, lr=0.1)) for net, (Xb, yb) in zip(nets, batches)]
     assert losses == [losses[0]] * 5
+    assert refused == []
     for net in nets[1:]:
         np.testing.assert_array_equal(net.params, nets[0].params)
 
