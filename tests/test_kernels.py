@@ -244,6 +244,77 @@ def test_mlp_gradients(impl, dtype, n, depth, width, n_in, n_out, seed, loss, hi
     assert_close(grad, expected, scale=np.abs(expected).max() + np.abs(X64).max())
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+@given(n=sizes, depth=st.integers(1, 3), width=widths, n_in=sizes, n_out=sizes, seed=seeds,
+       loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
+       hidden=st.sampled_from(ACTIVATIONS), output=st.sampled_from(OUTPUT_ACTIVATIONS),
+       mode=st.sampled_from(["both", "outputs", "loss"]), slack=st.integers(0, 5))
+def test_mlp_forward(impl, dtype, n, depth, width, n_in, n_out, seed, loss, hidden, output, mode,
+                     slack):
+    if loss != "mse":
+        output = "identity"
+    rng = np.random.default_rng(seed)
+    sizes = (n_in,) + (width,) * (depth - 1) + (n_out,)
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    X, X64 = draw(rng, (n, n_in), dtype)
+    params, params64 = draw(rng, n_params, dtype)
+    labels = targets = targets64 = None
+    if mode != "outputs":
+        labels = rng.integers(0, n_out, size=n) if loss == "cross_entropy" else None
+        targets, targets64 = draw(rng, (n, n_out), dtype, 0.0, 1.0) if labels is None else (None, None)
+    acts = (hidden,) * (depth - 1)
+    work = n * sum(sizes[1:]) + slack
+    out = None if mode == "loss" else np.full((n, n_out), np.nan, dtype)
+    value = impl.mlp_forward(X, labels, targets, params, sizes, acts, loss, output,
+                             np.empty(work, dtype), out)
+    expected = None if out is None else np.empty((n, n_out))
+    evalue = reference.mlp_forward(X64, labels, targets64, params64, sizes, acts, loss, output,
+                                   np.empty(work), expected)
+    if mode == "outputs":
+        assert value is None and evalue is None
+    else:
+        assert isinstance(value, float)
+        assert_close(np.asarray(value, dtype), evalue, scale=abs(evalue) + 1)
+    if out is not None:
+        # outputs of the activations in [0, 1] or [-1, 1]; mse's identity outputs
+        # are sums of O(1) terms, as a layer's are
+        assert_close(out, expected, scale=np.abs(expected) + 1)
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("loss, output", [("cross_entropy", "identity"), ("mse", "tanh"),
+                                          ("binary_cross_entropy", "identity")])
+def test_mlp_forward_is_the_composition_of_the_kernels(kernels, loss, output):
+    # the outputs and loss, to the last bit, of the layer and loss kernels called
+    # one by one (what the network's forward did before it was one call)
+    rng = np.random.default_rng(1)
+    net = __import__("fastbp").MLP([6, 5, 4, 3], activation=["sigmoid", "relu"], loss=loss,
+                                   dtype=np.float32, seed=0,
+                                   **({"output": output} if loss == "mse" else {}))
+    X = rng.normal(size=(7, 6)).astype(np.float32)
+    y = (rng.integers(0, 3, size=7) if loss == "cross_entropy"
+         else rng.random((7, 3)).astype(np.float32))
+    labels, targets = (y, None) if loss == "cross_entropy" else (None, y)
+    out = np.empty((7, 3), np.float32)
+    value = kernels.mlp_forward(X, labels, targets, net.params, net.sizes, net.activations, loss,
+                                output, np.empty(7 * 12, np.float32), out)
+    prev = X
+    for l, act in enumerate(["sigmoid", "relu", output]):
+        prev = kernels.dense_forward(prev, net.weights[l], net.biases[l], act,
+                                     np.empty((7, net.sizes[l + 1]), np.float32))
+    if loss == "cross_entropy":
+        assert value == kernels.softmax_cross_entropy(prev, y, None)
+        np.testing.assert_array_equal(out, kernels.softmax(prev, np.empty_like(prev)))
+    elif loss == "mse":
+        assert value == kernels.mean_squared_error(prev, y, output, None)
+        np.testing.assert_array_equal(out, prev)
+    else:
+        assert value == kernels.binary_cross_entropy_with_logits(prev, y, None)
+        sigmoid = kernels.dense_forward(prev, np.eye(3, dtype=np.float32), np.zeros(3, np.float32),
+                                        "sigmoid", np.empty_like(prev))
+        np.testing.assert_array_equal(out, sigmoid)
+
+
 def test_mlp_gradients_is_the_composition_of_the_kernels():
     # the same numbers, to the last bit, as the layer kernels called one by one
     rng = np.random.default_rng(0)
@@ -643,6 +714,21 @@ def _bad_calls():
         "mlp: softmax after sigmoid": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "sigmoid", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "logits"),
         "mlp: grad is A": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", (w := np.zeros(16)), np.zeros(16), w[:14]), ValueError, "overlaps"),
         "mlp: bad label": (lambda k: k.mlp_gradients(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), ValueError, "y[2] = 2"),
+        "forward all: unknown loss": (lambda k: k.mlp_forward(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "hinge", "identity", np.zeros(16), None), ValueError, "hinge"),
+        "forward all: params size": (lambda k: k.mlp_forward(X, None, None, np.zeros(13), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros((4, 2))), ValueError, "params"),
+        "forward all: small work buffer": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(15), None), ValueError, "at least 16"),
+        "forward all: out shape": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((4, 3))), ValueError, "out"),
+        "forward all: float32 out": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((4, 2), f4)), TypeError, "out"),
+        "forward all: read-only out": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), ro[:, :2]), ValueError, "out"),
+        "forward all: out in A": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", (wa := np.zeros(24)), wa[16:].reshape(4, 2)), ValueError, "overlaps"),
+        "forward all: A is X": (lambda k: k.mlp_forward((xa := np.zeros((4, 5))), None, None, np.zeros(18), (5, 2, 2), ("relu",), "mse", "identity", xa.reshape(-1), None), ValueError, "overlaps"),
+        "forward all: labels for mse": (lambda k: k.mlp_forward(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), None), ValueError, "labels=None"),
+        "forward all: targets for ce": (lambda k: k.mlp_forward(X, None, Z, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), None), ValueError, "targets=None"),
+        "forward all: targets shape": (lambda k: k.mlp_forward(X, None, np.zeros((4, 3)), np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), None), ValueError, "targets"),
+        "forward all: int32 labels": (lambda k: k.mlp_forward(X, y.astype(np.int32), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), None), TypeError, "labels"),
+        "forward all: bad label": (lambda k: k.mlp_forward(X, np.array([0, 1, 2, 0]), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), None), ValueError, "y[2] = 2"),
+        "forward all: empty batch": (lambda k: k.mlp_forward(np.zeros((0, 3)), None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((0, 2))), ValueError, "no samples"),
+        "forward all: softmax after tanh": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "binary_cross_entropy", "tanh", np.zeros(16), None), ValueError, "logits"),
         "mlp: float32 grad": (lambda k: k.mlp_gradients(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14, f4)), TypeError, "grad"),
         "epoch: order out of range": (lambda k: k.mlp_sgd_epoch(X, y, None, np.array([0, 4]), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "order[1] = 4"),
         "epoch: small X_batch": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((1, 3)), np.zeros(1, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "X_batch"),

@@ -69,6 +69,8 @@ KERNEL_ARRAYS = {
                       ("momentum_buffer", 1, "out"), ("stop", 1, "flag")),
     "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
+    "mlp_forward": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
+                    ("params", 1, "in"), ("A", 1, "out"), ("out", 2, "out")),
     "mlp_sgd_step": (("momentum_buffer", 1, "out"),),
     "mlp_adam": (("params", 1, "out"), ("grad", 1, "out"), ("exp_avg", 1, "out"),
                  ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
@@ -154,8 +156,8 @@ def check_adam_state(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, ams
             check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
 
 
-def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
-    """Every check of `mlp_gradients`, in the order both backends apply them."""
+def _check_network(sizes, activations, loss, output):
+    """The checks of a network's description; returns sizes as a tuple."""
     check_choice("loss", loss, LOSSES)
     check_choice("output", output, OUTPUT_ACTIVATIONS)
     if loss != "mse" and output != "identity":
@@ -169,6 +171,18 @@ def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output,
         raise ValueError(f"activations has {len(activations)} names for {len(sizes) - 2} hidden layers")
     for a in activations:
         check_choice("activation", a, ACTIVATIONS)
+    return sizes
+
+
+def _check_labels(labels, k):
+    bad = np.flatnonzero((labels < 0) | (labels >= k))
+    if bad.size:
+        raise label_error(bad[0], labels[bad[0]], k)
+
+
+def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
+    """Every check of `mlp_gradients`, in the order both backends apply them."""
+    sizes = _check_network(sizes, activations, loss, output)
     check_call("mlp_gradients", X=X, labels=labels, targets=targets, params=params, A=A, D=D, grad=grad)
     if loss == "cross_entropy":
         if labels is None or targets is not None:
@@ -196,9 +210,37 @@ def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output,
     if n == 0:
         raise empty_batch_error("X")
     if labels is not None:
-        bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
-        if bad.size:
-            raise label_error(bad[0], labels[bad[0]], sizes[-1])
+        _check_labels(labels, sizes[-1])
+
+
+def check_forward_call(X, labels, targets, params, sizes, activations, loss, output, A, out):
+    """Every check of `mlp_forward`, in the order both backends apply them."""
+    sizes = _check_network(sizes, activations, loss, output)
+    check_call("mlp_forward", X=X, labels=labels, targets=targets, params=params, A=A, out=out)
+    if loss == "cross_entropy" and targets is not None:
+        raise ValueError("cross_entropy takes labels, and targets=None")
+    if loss != "cross_entropy" and labels is not None:
+        raise ValueError(f"{loss} takes targets, and labels=None")
+    n = X.shape[0]
+    check_shape("X", X, (None, sizes[0]))
+    check_shape("params", params, (sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:])),))
+    work = n * sum(sizes[1:])
+    if A.shape[0] < work:
+        raise ValueError(f"A has {A.shape[0]} elements; a batch of {n} needs at least {work}")
+    if out is not None:
+        check_shape("out", out, (n, sizes[-1]))
+    if labels is not None:
+        check_shape("labels", labels, (n,))
+    if targets is not None:
+        check_shape("targets", targets, (n, sizes[-1]))
+    arrays = [("X", X), ("labels", labels), ("targets", targets), ("params", params), ("A", A),
+              ("out", out)]
+    check_no_overlap("A", A, arrays[:4] + arrays[5:])
+    check_no_overlap("out", out, arrays[:5])
+    if n == 0:
+        raise empty_batch_error("X")
+    if labels is not None:
+        _check_labels(labels, sizes[-1])
 
 
 def check_sgd_momentum(momentum_buffer, params, momentum, nesterov, dampening):

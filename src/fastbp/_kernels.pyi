@@ -29,6 +29,10 @@ def adam_update(param: Float, grad: Float, exp_avg: Float, exp_avg_sq: Float,
                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                 decoupled_weight_decay: bool = False, amsgrad: bool = False,
                 maximize: bool = False) -> None: ...
+def mlp_forward(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
+                params: Float, sizes: Sequence[int], activations: Sequence[Activation],
+                loss: Loss, output: OutputActivation, A: Float,
+                out: Optional[Float]) -> Optional[float]: ...
 def mlp_gradients(X: Float, labels: Optional[NDArray[np.int64]], targets: Optional[Float],
                   params: Float, sizes: Sequence[int], activations: Sequence[Activation],
                   loss: Loss, output: OutputActivation, A: Float, D: Float, grad: Float) -> float: ...

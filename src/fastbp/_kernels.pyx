@@ -36,6 +36,7 @@ from fastbp._checks import (
     check_call,
     check_choice,
     check_epoch_call,
+    check_forward_call,
     check_mlp_call,
     check_step_call,
     empty_batch_error,
@@ -143,6 +144,7 @@ __all__ = [
     "sgd_update",
     "adam_update",
     "all_finite",
+    "mlp_forward",
     "mlp_gradients",
     "mlp_sgd_step",
     "mlp_sgd_epoch",
@@ -1236,6 +1238,154 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
     except (TypeError, ValueError, KeyError, OverflowError):
         check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
         raise ValueError("invalid arguments to mlp_gradients")
+
+
+# ---------------------------------------------------------------------------
+# mlp_forward: a whole network's outputs and/or loss in one call
+
+cdef double _mlp_outputs(const floating* X, const int64_t* labels, const floating* T,
+                         const floating* params, floating* A, floating* out, Py_ssize_t n,
+                         Py_ssize_t n_layers, const Py_ssize_t* sizes, const int* acts, int loss,
+                         bint want_loss) noexcept nogil:
+    """Forward through every layer, the last into out when there is one (else into
+    A); the mean loss when want_loss (else 0); then out = what the user sees (the
+    softmax or sigmoid of the logits, in place; mse's outputs as they are)."""
+    cdef Py_ssize_t w_off[MAX_LAYERS + 1]
+    cdef Py_ssize_t a_off[MAX_LAYERS]
+    _layer_offsets(n, n_layers, sizes, w_off, a_off)
+    cdef Py_ssize_t l, n_in, n_out
+    cdef const floating* prev = X
+    cdef floating* Z = NULL
+    for l in range(n_layers):
+        n_in, n_out = sizes[l], sizes[l + 1]
+        Z = out if l == n_layers - 1 and out != NULL else A + a_off[l]
+        _forward_layer(prev, params + w_off[l], params + w_off[l] + n_out * n_in, Z, n, n_in,
+                       n_out, acts[l])
+        prev = Z
+    cdef double value = 0
+    if want_loss:
+        if loss == CROSS_ENTROPY:
+            value = _cross_entropy_loop(Z, labels, NULL, n, n_out)
+        elif loss == MSE:
+            value = _mse_loop(Z, T, NULL, n * n_out, acts[n_layers - 1])
+        else:
+            value = _bce_loop(Z, T, NULL, n * n_out)
+    if out != NULL:
+        if loss == CROSS_ENTROPY:
+            _softmax_rows(out, out, n, n_out, NULL)
+        elif loss == BCE:
+            _squash(out, n * n_out, SIGMOID)
+    return value
+
+
+cdef object _NOT_DONE = object()
+
+
+cdef object _forward_direct(object X, object labels, object targets, object params, tuple sizes,
+                            tuple activations, str loss, str output, object A, object out):
+    """`mlp_forward` on plain ndarrays through NumPy's C API (a memoryview per array
+    and the dispatch over the fused type cost more than a small network's forward).
+    Returns _NOT_DONE when the arguments are not of that kind or fail a check,
+    including a label out of range: the reference's checks then name the problem."""
+    if not cnp.PyArray_Check(X):
+        return _NOT_DONE
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return _NOT_DONE
+    if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, False)
+            and _c_array(A, t, 1, True) and (out is None or _c_array(out, t, 2, True))
+            and (labels is None or _c_array(labels, cnp.NPY_INT64, 1, False))
+            and (targets is None or _c_array(targets, t, 2, False))):
+        return _NOT_DONE
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l, n_params = 0, work = 0
+    cdef Py_ssize_t n = cnp.PyArray_DIM(<cnp.ndarray>X, 0)
+    cdef int loss_code = _LOSS_CODES[loss]
+    if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1:
+        return _NOT_DONE
+    if n == 0 or n > INT_MAX:
+        return _NOT_DONE
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+        if c_sizes[l] < 1 or c_sizes[l] > INT_MAX:
+            return _NOT_DONE
+    for l in range(n_layers - 1):
+        acts[l] = _ACTIVATION_CODES[activations[l]]
+    acts[n_layers - 1] = _ACTIVATION_CODES[output]
+    if loss_code != MSE and acts[n_layers - 1] != IDENTITY or acts[n_layers - 1] > TANH:
+        return _NOT_DONE
+    for l in range(n_layers):
+        n_params += (c_sizes[l] + 1) * c_sizes[l + 1]
+        work += n * c_sizes[l + 1]
+    cdef Py_ssize_t k = c_sizes[n_layers]
+    if (cnp.PyArray_DIM(<cnp.ndarray>X, 1) != c_sizes[0]
+            or cnp.PyArray_DIM(<cnp.ndarray>params, 0) != n_params
+            or cnp.PyArray_DIM(<cnp.ndarray>A, 0) < work):
+        return _NOT_DONE
+    if labels is not None and (loss_code != CROSS_ENTROPY
+                               or cnp.PyArray_DIM(<cnp.ndarray>labels, 0) != n):
+        return _NOT_DONE
+    if targets is not None and (loss_code == CROSS_ENTROPY
+                                or cnp.PyArray_DIM(<cnp.ndarray>targets, 0) != n
+                                or cnp.PyArray_DIM(<cnp.ndarray>targets, 1) != k):
+        return _NOT_DONE
+    if out is not None and (cnp.PyArray_DIM(<cnp.ndarray>out, 0) != n
+                            or cnp.PyArray_DIM(<cnp.ndarray>out, 1) != k):
+        return _NOT_DONE
+    # the outputs (A, out) must not overlap each other nor any input
+    cdef size_t s = 4 if t == cnp.NPY_FLOAT32 else 8
+    cdef const void* px = cnp.PyArray_DATA(<cnp.ndarray>X)
+    cdef const void* pp = cnp.PyArray_DATA(<cnp.ndarray>params)
+    cdef void* pa = cnp.PyArray_DATA(<cnp.ndarray>A)
+    cdef void* po = NULL if out is None else cnp.PyArray_DATA(<cnp.ndarray>out)
+    cdef const void* pl = NULL if labels is None else cnp.PyArray_DATA(<cnp.ndarray>labels)
+    cdef const void* pt = NULL if targets is None else cnp.PyArray_DATA(<cnp.ndarray>targets)
+    cdef const void* spans[5]
+    cdef size_t nbytes[5]
+    spans[0], nbytes[0] = px, n * c_sizes[0] * s
+    spans[1], nbytes[1] = pp, n_params * s
+    spans[2], nbytes[2] = pl, 0 if pl == NULL else n * sizeof(int64_t)
+    spans[3], nbytes[3] = pt, 0 if pt == NULL else n * k * s
+    spans[4], nbytes[4] = po, 0 if po == NULL else n * k * s
+    cdef int j
+    for j in range(5):
+        if _overlap(pa, cnp.PyArray_DIM(<cnp.ndarray>A, 0) * s, spans[j], nbytes[j], False):
+            return _NOT_DONE
+        if j < 4 and _overlap(po, nbytes[4], spans[j], nbytes[j], False):
+            return _NOT_DONE
+    cdef bint want_loss = labels is not None or targets is not None
+    cdef bint bad_label = False
+    cdef double value = 0
+    with nogil:
+        if pl != NULL:
+            bad_label = _first_bad_label(<const int64_t*>pl, n, k) >= 0
+        if not bad_label:
+            if t == cnp.NPY_FLOAT32:
+                value = _mlp_outputs(<const float*>px, <const int64_t*>pl, <const float*>pt,
+                                     <const float*>pp, <float*>pa, <float*>po, n, n_layers,
+                                     c_sizes, acts, loss_code, want_loss)
+            else:
+                value = _mlp_outputs(<const double*>px, <const int64_t*>pl, <const double*>pt,
+                                     <const double*>pp, <double*>pa, <double*>po, n, n_layers,
+                                     c_sizes, acts, loss_code, want_loss)
+    if bad_label:
+        return _NOT_DONE
+    return value if want_loss else None
+
+
+def mlp_forward(X, labels, targets, params, sizes, activations, loss, output, A, out):
+    """A whole network's outputs and/or mean loss on a batch in one call, without
+    the GIL. See `fastbp.reference.mlp_forward`."""
+    try:
+        result = _forward_direct(X, labels, targets, params, tuple(sizes), tuple(activations),
+                                 loss, output, A, out)
+    except (TypeError, ValueError, KeyError, OverflowError):
+        result = _NOT_DONE
+    if result is not _NOT_DONE:
+        return result
+    check_forward_call(X, labels, targets, params, sizes, activations, loss, output, A, out)
+    raise ValueError("invalid arguments to mlp_forward")
 
 
 # ---------------------------------------------------------------------------

@@ -375,19 +375,6 @@ class MLP:
             self._workspace_rows = n
         return self._workspace_views
 
-    def _hidden_forward(self, X):
-        """The hidden layers on a validated chunk, through the workspace.
-
-        Returns the last hidden activation (X itself without hidden layers) and
-        the workspace's per-layer views for this chunk.
-        """
-        acts, _ = self._workspace(X.shape[0])
-        prev = X
-        for l in range(self.n_layers - 1):
-            self._kernels.dense_forward(prev, self.weights[l], self.biases[l], self.activations[l], acts[l])
-            prev = acts[l]
-        return prev, acts
-
     def forward(self, X):
         """Outputs of the network for a batch.
 
@@ -407,40 +394,30 @@ class MLP:
         return out
 
     def _forward_checked(self, X, y=None, out=None):
-        """One pass over validated X, in chunks through the workspace.
+        """One pass over validated X, in chunks through the workspace, a compiled
+        call per chunk (`mlp_forward`).
 
         Writes the network's outputs (what `forward` returns) into `out` when
         given, and returns the mean loss against `y` when given (else None):
         validation needs both, and gets them from one pass.
         """
-        k, last, total = self._kernels, self.n_layers - 1, 0.0
-        W, b = self.weights[last], self.biases[last]
+        total = 0.0
+        labels = targets = None
         for start in range(0, X.shape[0], _FORWARD_CHUNK):
             stop = min(start + _FORWARD_CHUNK, X.shape[0])
-            prev, acts = self._hidden_forward(X[start:stop])
-            block = None if out is None else out[start:stop]
-            if y is None and block is not None and self.loss != "binary_cross_entropy":
-                Z = block  # outputs only: the last layer writes straight into them
-            else:
-                Z = acts[last]
-            # logits for the two classification losses, outputs for mse
-            k.dense_forward(prev, W, b, self._train_activations[last], Z)
+            if stop - start > self._capacity:
+                self._workspace(stop - start)
             if y is not None:
-                yc = y[start:stop]
                 if self.loss == "cross_entropy":
-                    loss = k.softmax_cross_entropy(Z, yc, None)
-                elif self.loss == "mse":
-                    loss = k.mean_squared_error(Z, yc, self.output, None)
+                    labels = y[start:stop]
                 else:
-                    loss = k.binary_cross_entropy_with_logits(Z, yc, None)
+                    targets = y[start:stop]
+            loss = self._kernels.mlp_forward(
+                X[start:stop], labels, targets, self.params, self.sizes, self.activations,
+                self.loss, self._train_activations[-1], self._A,
+                None if out is None else out[start:stop])
+            if y is not None:
                 total += loss * (stop - start)
-            if block is not None:
-                if self.loss == "cross_entropy":
-                    k.softmax(Z, block)
-                elif self.loss == "binary_cross_entropy":
-                    k.dense_forward(prev, W, b, "sigmoid", block)
-                elif Z is not block:
-                    block[...] = Z
         return None if y is None else total / X.shape[0]
 
     def _loss_and_gradients(self, X, y, grad):

@@ -31,6 +31,7 @@ from ._checks import (
     check_call,
     check_choice,
     check_epoch_call,
+    check_forward_call,
     check_mlp_call,
     check_no_overlap,
     check_step_call,
@@ -51,6 +52,7 @@ __all__ = [
     "sgd_update",
     "adam_update",
     "all_finite",
+    "mlp_forward",
     "mlp_gradients",
     "mlp_sgd_step",
     "mlp_sgd_epoch",
@@ -447,6 +449,56 @@ def all_finite(x):
     """True if no element of `x` (shape (p,)) is NaN or infinite."""
     check_call("all_finite", x=x)
     return bool(np.isfinite(x).all())
+
+
+def mlp_forward(X, labels, targets, params, sizes, activations, loss, output, A, out):
+    """A whole multi-layer perceptron's outputs and/or mean loss on a batch, in one
+    call (no gradient): `dense_forward` layer by layer, then the loss kernel
+    without dZ, then the outputs a user sees.
+
+    Parameters
+    ----------
+    X, params, sizes, activations, loss, output
+        As `mlp_gradients`.
+    labels : ndarray of int64, shape (n,), or None
+        Class labels, for loss "cross_entropy"; None computes no loss.
+    targets : ndarray, shape (n, sizes[-1]), or None
+        Targets, for "mse" and "binary_cross_entropy"; None computes no loss.
+    A : ndarray, shape (>= n * sum(sizes[1:]),)
+        Work buffer, overwritten (laid out as in `mlp_gradients`).
+    out : ndarray, shape (n, sizes[-1]), or None
+        Overwritten with the network's outputs: the softmax of the logits for
+        "cross_entropy", their sigmoid for "binary_cross_entropy", the output
+        layer's activations for "mse".
+
+    Returns
+    -------
+    float or None
+        The mean loss, when labels or targets are given.
+    """
+    check_forward_call(X, labels, targets, params, sizes, activations, loss, output, A, out)
+    sizes = tuple(int(s) for s in sizes)
+    layer_acts = tuple(activations) + (output,)
+    Ws, bs, _, _, As, _ = mlp_views(sizes, X.shape[0], params, A, None, None)
+    prev = X
+    for l in range(len(Ws)):
+        dense_forward(prev, Ws[l], bs[l], layer_acts[l], As[l])
+        prev = As[l]
+    value = None
+    if labels is not None:
+        value = softmax_cross_entropy(prev, labels, None)
+    elif targets is not None and loss == "mse":
+        value = mean_squared_error(prev, targets, output, None)
+    elif targets is not None:
+        value = binary_cross_entropy_with_logits(prev, targets, None)
+    if out is not None:
+        if loss == "cross_entropy":
+            softmax(prev, out)
+        elif loss == "binary_cross_entropy":
+            out[...] = _sigmoid(prev)
+        else:
+            out[...] = prev
+    return value
 
 
 def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
