@@ -19,7 +19,7 @@ def arrays(dtype, seed=0):
     return dict(X=a(N, N_IN), W=a(N_OUT, N_IN), b=a(N_OUT), Z=a(N, N_OUT), dZ=a(N, N_OUT),
                 dW=a(N_OUT, N_IN), db=a(N_OUT), dX=a(N, N_IN), logits=a(N, 10), dlogits=a(N, 10),
                 labels=rng.integers(0, 10, size=N), param=a(P), grad=a(P), buf=a(P), m=a(P),
-                v=np.abs(a(P)))
+                v=np.abs(a(P)), A=a(N * (256 + 128 + 10)), probs=a(N, 10))
 
 
 CALLS = {
@@ -31,6 +31,10 @@ CALLS = {
     "sgd_update momentum": lambda k, d: (k.sgd_update, (d["param"], d["grad"] * 1e-6, d["buf"], 0.01, 0.9)),
     "adam_update": lambda k, d: (k.adam_update, (d["param"], d["grad"] * 1e-6, d["m"], d["v"], None, 10, 1e-3)),
     "all_finite": lambda k, d: (k.all_finite, (d["param"],)),
+    # the whole network's forward with its loss and probabilities (evaluate, predict)
+    "mlp_forward": lambda k, d: (k.mlp_forward, (d["X"] * 0.05, d["labels"], None, d["param"] * 0.05,
+                                                 (N_IN, N_OUT, 128, 10), ("relu", "relu"),
+                                                 "cross_entropy", "identity", d["A"], d["probs"])),
 }
 
 

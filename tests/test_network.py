@@ -281,11 +281,15 @@ def test_step_one_call_path_gives_the_general_paths_bits(name, optimizer):
 
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
-def test_step_one_call_path_takes_1d_targets_of_one_output(loss, optimizer):
+def test_step_one_call_path_takes_1d_targets_of_one_output(loss, optimizer, monkeypatch):
     # y of shape (n,) for a one-output network, as fit and scikit-learn take it:
     # the one-call step reads it as a column, with the bits of the general path
-    # given the (n, 1) column; for wider networks it declines and the general
-    # path names the shape
+    # given the (n, 1) column (and no refused kernel call on the way); for wider
+    # networks it declines and the general path names the shape
+    from fastbp import _kernels
+    refused = []
+    for name in ("check_step_call", "check_adam_step_call"):
+        monkeypatch.setattr(_kernels, name, lambda *args: refused.append(args))
     rng = np.random.default_rng(3)
     X = rng.normal(size=(10, 4)).astype(np.float32)
     y = (rng.random(10) < 0.5).astype(np.float32)
@@ -299,7 +303,8 @@ def test_step_one_call_path_takes_1d_targets_of_one_output(loss, optimizer):
     for _ in range(3):
         assert fast.step(X, y, opt_fast) == slow.step(X, y[:, None].copy(), opt_slow)
     assert fast.params.tobytes() == slow.params.tobytes()
-    assert returned[0] is None and None not in returned[1:]
+    assert returned[0] is None and None not in returned[1:] and refused == []
+    monkeypatch.undo()
     wide = fastbp.MLP([4, 6, 2], loss=loss, dtype=np.float32, seed=1)
     opt = OPTIMIZERS[optimizer](wide.params)
     wide.step(X, np.zeros((10, 2), np.float32), opt)

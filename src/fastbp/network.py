@@ -477,7 +477,8 @@ class MLP:
         if (type(X) is np.ndarray and type(y) is np.ndarray and X.ndim == 2 and X.shape[0]
                 and X.shape[1] == self.sizes[0] and self.loss != "binary_cross_entropy"
                 and X.dtype == self.dtype and X.flags.c_contiguous and y.flags.c_contiguous
-                and y.dtype == (np.int64 if self.loss == "cross_entropy" else self.dtype)):
+                and (y.dtype, y.ndim) == ((np.int64, 1) if self.loss == "cross_entropy"
+                                          else (self.dtype, 2))):
             # Arrays of the kernel's types and layout go straight to the one-call
             # step: it checks shapes, labels and finiteness itself before it writes
             # anything (_as_batch cost 1.2 us of a 13 us tiny step). Only when it
