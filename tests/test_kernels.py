@@ -231,6 +231,22 @@ def test_adam_update(impl, dtype, p, seed, steps, betas, weight_decay, decoupled
         assert_close(a, e, scale=np.abs(e).max() + 1e-3)
 
 
+def draw_network(rng, dtype, n, depth, width, n_in, n_out, loss, with_targets=True):
+    """sizes, parameter count, (X, X64), (params, params64), labels, (targets,
+    targets64) of a random network and batch (labels or targets None as the loss
+    takes them, both None without targets)."""
+    sizes = (n_in,) + (width,) * (depth - 1) + (n_out,)
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    X = draw(rng, (n, n_in), dtype)
+    params = draw(rng, n_params, dtype)
+    labels, targets = None, (None, None)
+    if with_targets and loss == "cross_entropy":
+        labels = rng.integers(0, n_out, size=n)
+    elif with_targets:
+        targets = draw(rng, (n, n_out), dtype, 0.0, 1.0)
+    return sizes, n_params, X, params, labels, targets
+
+
 @pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
 @given(n=sizes, depth=st.integers(1, 3), width=widths, n_in=sizes, n_out=sizes, seed=seeds,
        loss=st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]),
@@ -240,12 +256,8 @@ def test_mlp_gradients(impl, dtype, n, depth, width, n_in, n_out, seed, loss, hi
     if loss != "mse":
         output = "identity"
     rng = np.random.default_rng(seed)
-    sizes = (n_in,) + (width,) * (depth - 1) + (n_out,)
-    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    X, X64 = draw(rng, (n, n_in), dtype)
-    params, params64 = draw(rng, n_params, dtype)
-    labels = rng.integers(0, n_out, size=n) if loss == "cross_entropy" else None
-    targets, targets64 = draw(rng, (n, n_out), dtype, 0.0, 1.0) if labels is None else (None, None)
+    sizes, n_params, (X, X64), (params, params64), labels, (targets, targets64) = draw_network(
+        rng, dtype, n, depth, width, n_in, n_out, loss)
     work = n * sum(sizes[1:]) + slack  # larger work buffers are fine
     acts = (hidden,) * (depth - 1)
     A, D, grad = np.empty(work, dtype), np.empty(work, dtype), np.full(n_params, np.nan, dtype)
@@ -270,14 +282,8 @@ def test_mlp_forward(impl, dtype, n, depth, width, n_in, n_out, seed, loss, hidd
     if loss != "mse":
         output = "identity"
     rng = np.random.default_rng(seed)
-    sizes = (n_in,) + (width,) * (depth - 1) + (n_out,)
-    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    X, X64 = draw(rng, (n, n_in), dtype)
-    params, params64 = draw(rng, n_params, dtype)
-    labels = targets = targets64 = None
-    if mode != "outputs":
-        labels = rng.integers(0, n_out, size=n) if loss == "cross_entropy" else None
-        targets, targets64 = draw(rng, (n, n_out), dtype, 0.0, 1.0) if labels is None else (None, None)
+    sizes, n_params, (X, X64), (params, params64), labels, (targets, targets64) = draw_network(
+        rng, dtype, n, depth, width, n_in, n_out, loss, with_targets=mode != "outputs")
     acts = (hidden,) * (depth - 1)
     work = n * sum(sizes[1:]) + slack
     out = None if mode == "loss" else np.full((n, n_out), np.nan, dtype)

@@ -1135,15 +1135,14 @@ cdef struct _NetArgs:
     size_t itemsize
 
 
-cdef int _net_checks(const _NetArgs* g, tuple sizes, tuple activations, str loss, str output,
-                     Py_ssize_t* c_sizes, int* acts) except -1:
-    """The checks of `mlp_gradients` (and of `mlp_sgd_step`'s momentum buffer) in C;
-    fills c_sizes and acts and returns the loss code. Any failure raises a bare
-    ValueError, which the public function replaces with the reference's message.
-    Labels are range-checked (without the GIL) by the caller."""
-    cdef Py_ssize_t n = g.n, n_layers = len(sizes) - 1, l, n_params = 0, work = 0
+cdef int _net_codes(tuple sizes, tuple activations, str loss, str output, Py_ssize_t* c_sizes,
+                    int* acts) except -1:
+    """A network's description in C: fills c_sizes and acts (the output layer's
+    last) and returns the loss code; a bare ValueError (or KeyError) when it is not
+    one the kernels take."""
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l
     cdef int loss_code = _LOSS_CODES[loss]
-    if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1 or n == 0:
+    if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1:
         raise ValueError
     for l in range(n_layers + 1):
         c_sizes[l] = sizes[l]
@@ -1154,6 +1153,19 @@ cdef int _net_checks(const _NetArgs* g, tuple sizes, tuple activations, str loss
     acts[n_layers - 1] = _ACTIVATION_CODES[output]
     if loss_code != MSE and acts[n_layers - 1] != IDENTITY or acts[n_layers - 1] > TANH:
         raise ValueError
+    return loss_code
+
+
+cdef int _net_checks(const _NetArgs* g, tuple sizes, tuple activations, str loss, str output,
+                     Py_ssize_t* c_sizes, int* acts) except -1:
+    """The checks of `mlp_gradients` (and of `mlp_sgd_step`'s momentum buffer) in C;
+    fills c_sizes and acts and returns the loss code. Any failure raises a bare
+    ValueError, which the public function replaces with the reference's message.
+    Labels are range-checked (without the GIL) by the caller."""
+    cdef Py_ssize_t n = g.n, n_layers = len(sizes) - 1, l, n_params = 0, work = 0
+    if n == 0:
+        raise ValueError
+    cdef int loss_code = _net_codes(sizes, activations, loss, output, c_sizes, acts)
     for l in range(n_layers):
         n_params += (c_sizes[l] + 1) * c_sizes[l + 1]
         work += n * c_sizes[l + 1]
@@ -1300,8 +1312,9 @@ cdef object _forward_direct(object X, object labels, object targets, object para
                             tuple activations, str loss, str output, object A, object out):
     """`mlp_forward` on plain ndarrays through NumPy's C API (a memoryview per array
     and the dispatch over the fused type cost more than a small network's forward).
-    Returns _NOT_DONE when the arguments are not of that kind or fail a check,
-    including a label out of range: the reference's checks then name the problem."""
+    Returns _NOT_DONE (or raises a bare ValueError or KeyError) when the arguments
+    are not of that kind or fail a check, including a label out of range: the
+    reference's checks then name the problem."""
     if not cnp.PyArray_Check(X):
         return _NOT_DONE
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
@@ -1316,20 +1329,9 @@ cdef object _forward_direct(object X, object labels, object targets, object para
     cdef int acts[MAX_LAYERS]
     cdef Py_ssize_t n_layers = len(sizes) - 1, l, n_params = 0, work = 0
     cdef Py_ssize_t n = cnp.PyArray_DIM(<cnp.ndarray>X, 0)
-    cdef int loss_code = _LOSS_CODES[loss]
-    if n_layers < 1 or n_layers > MAX_LAYERS or len(activations) != n_layers - 1:
-        return _NOT_DONE
     if n == 0 or n > INT_MAX:
         return _NOT_DONE
-    for l in range(n_layers + 1):
-        c_sizes[l] = sizes[l]
-        if c_sizes[l] < 1 or c_sizes[l] > INT_MAX:
-            return _NOT_DONE
-    for l in range(n_layers - 1):
-        acts[l] = _ACTIVATION_CODES[activations[l]]
-    acts[n_layers - 1] = _ACTIVATION_CODES[output]
-    if loss_code != MSE and acts[n_layers - 1] != IDENTITY or acts[n_layers - 1] > TANH:
-        return _NOT_DONE
+    cdef int loss_code = _net_codes(sizes, activations, loss, output, c_sizes, acts)
     for l in range(n_layers):
         n_params += (c_sizes[l] + 1) * c_sizes[l + 1]
         work += n * c_sizes[l + 1]

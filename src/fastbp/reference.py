@@ -451,6 +451,26 @@ def all_finite(x):
     return bool(np.isfinite(x).all())
 
 
+def _forward_layers(X, params, sizes, activations, output, A, D, grad):
+    """`dense_forward` layer by layer into A's blocks; returns the last block and
+    `mlp_views` of the arguments."""
+    views = mlp_views(tuple(int(s) for s in sizes), X.shape[0], params, A, D, grad)
+    Ws, bs, As = views[0], views[1], views[4]
+    prev = X
+    for W, b, act, Al in zip(Ws, bs, tuple(activations) + (output,), As):
+        prev = dense_forward(prev, W, b, act, Al)
+    return prev, views
+
+
+def _loss(Z, labels, targets, loss, output, dZ):
+    """The loss kernel of `loss` on the last layer's block Z."""
+    if loss == "cross_entropy":
+        return softmax_cross_entropy(Z, labels, dZ)
+    if loss == "mse":
+        return mean_squared_error(Z, targets, output, dZ)
+    return binary_cross_entropy_with_logits(Z, targets, dZ)
+
+
 def mlp_forward(X, labels, targets, params, sizes, activations, loss, output, A, out):
     """A whole multi-layer perceptron's outputs and/or mean loss on a batch, in one
     call (no gradient): `dense_forward` layer by layer, then the loss kernel
@@ -477,20 +497,10 @@ def mlp_forward(X, labels, targets, params, sizes, activations, loss, output, A,
         The mean loss, when labels or targets are given.
     """
     check_forward_call(X, labels, targets, params, sizes, activations, loss, output, A, out)
-    sizes = tuple(int(s) for s in sizes)
-    layer_acts = tuple(activations) + (output,)
-    Ws, bs, _, _, As, _ = mlp_views(sizes, X.shape[0], params, A, None, None)
-    prev = X
-    for l in range(len(Ws)):
-        dense_forward(prev, Ws[l], bs[l], layer_acts[l], As[l])
-        prev = As[l]
+    prev, _ = _forward_layers(X, params, sizes, activations, output, A, None, None)
     value = None
-    if labels is not None:
-        value = softmax_cross_entropy(prev, labels, None)
-    elif targets is not None and loss == "mse":
-        value = mean_squared_error(prev, targets, output, None)
-    elif targets is not None:
-        value = binary_cross_entropy_with_logits(prev, targets, None)
+    if labels is not None or targets is not None:
+        value = _loss(prev, labels, targets, loss, output, None)
     if out is not None:
         if loss == "cross_entropy":
             softmax(prev, out)
@@ -537,25 +547,15 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
         The mean loss.
     """
     check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
-    sizes = tuple(int(s) for s in sizes)
-    layer_acts = tuple(activations) + (output,)
-    Ws, bs, dWs, dbs, As, Ds = mlp_views(sizes, X.shape[0], params, A, D, grad)
-    prev = X
-    for l in range(len(Ws)):
-        dense_forward(prev, Ws[l], bs[l], layer_acts[l], As[l])
-        prev = As[l]
-    if loss == "cross_entropy":
-        value = softmax_cross_entropy(prev, labels, Ds[-1])
-    elif loss == "mse":
-        value = mean_squared_error(prev, targets, output, Ds[-1])
-    else:
-        value = binary_cross_entropy_with_logits(prev, targets, Ds[-1])
+    prev, views = _forward_layers(X, params, sizes, activations, output, A, D, grad)
+    Ws, bs, dWs, dbs, As, Ds = views
+    value = _loss(prev, labels, targets, loss, output, Ds[-1])
     for l in range(len(Ws) - 1, -1, -1):
         if l == 0:
             dense_backward(Ds[0], X, Ws[0], dWs[0], dbs[0], None)
         else:
             dense_backward(Ds[l], As[l - 1], Ws[l], dWs[l], dbs[l], Ds[l - 1])
-            activation_backward(As[l - 1], Ds[l - 1], layer_acts[l - 1], Ds[l - 1])
+            activation_backward(As[l - 1], Ds[l - 1], activations[l - 1], Ds[l - 1])
     return value
 
 
