@@ -220,6 +220,21 @@ def test_ctrl_c_stops_after_the_current_batch_with_the_network_whole():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_fit_restores_the_callers_sigint_handler():
+    X, y = blobs()
+    calls = []
+    mine = lambda signum, frame: calls.append(signum)
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        make().fit(X, y, epochs=1)
+        make().partial_fit(X, y)
+        assert signal.getsignal(signal.SIGINT) is mine
+        signal.raise_signal(signal.SIGINT)
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------
 # Schedules
 
