@@ -32,9 +32,10 @@ CALLS = {
     "adam_update": lambda k, d: (k.adam_update, (d["param"], d["grad"] * 1e-6, d["m"], d["v"], None, 10, 1e-3)),
     "all_finite": lambda k, d: (k.all_finite, (d["param"],)),
     # the whole network's forward with its loss and probabilities (evaluate, predict)
-    "mlp_forward": lambda k, d: (k.mlp_forward, (d["X"] * 0.05, d["labels"], None, d["param"] * 0.05,
-                                                 (N_IN, N_OUT, 128, 10), ("relu", "relu"),
-                                                 "cross_entropy", "identity", d["A"], d["probs"])),
+    "mlp_forward": lambda k, d: (k.mlp_forward, (d["X"] * 0.05, d["labels"], None,
+                                                 d["param"] * 0.05, (N_IN, N_OUT, 128, 10),
+                                                 ("relu", "relu"), "cross_entropy", "identity",
+                                                 d["A"], d["probs"])),
 }
 
 

@@ -2130,10 +2130,10 @@ def _net_step(net, X, y, o, bint adam):
     the workspace has. What `step` would pass to `mlp_sgd_step` / `mlp_adam_step` is
     read here from net and o, and o's step count advanced (step's Python around a tiny
     step: 1.6 us of 9.3 that way, 1.0 this way). The targets of a one-output network
-    may be 1-D, as `step` takes them (the general path cost 10-20 us). Returns the loss, or None to send the
-    call down `step`'s general path: when the case is not the common one, an argument
-    fails a check, or the step was refused (a non-finite loss or gradient: nothing
-    changed, and the general path repeats it to say why)."""
+    may be 1-D, as `step` takes them (the general path cost 10-20 us). Returns the
+    loss, or None to send the call down `step`'s general path: when the case is not
+    the common one, an argument fails a check, or the step was refused (a non-finite
+    loss or gradient: nothing changed, and the general path repeats it to say why)."""
     if type(X) is not cnp.ndarray or type(y) is not cnp.ndarray:
         return None
     if (cnp.PyArray_NDIM(<cnp.ndarray>X) != 2
