@@ -492,6 +492,7 @@ def test_divergence_raises_and_leaves_the_network_whole():
     (dict(sizes=[3, 2.5]), ValueError, "positive integers"),
     (dict(sizes=[3, True]), ValueError, "positive integers"),
     (dict(sizes=5), TypeError, "sequence"),
+    (dict(sizes=[3] * 514), ValueError, "513 weight layers; a network has at most 512"),
     (dict(sizes=[3, 4, 2], activation="swish"), ValueError, "'swish'.*'relu'"),
     (dict(sizes=[3, 4, 2], activation=["relu", "tanh"]), ValueError, "2 names for 1 hidden"),
     (dict(sizes=[3, 2], loss="hinge"), ValueError, "'hinge'.*'cross_entropy'"),
@@ -506,6 +507,15 @@ def test_divergence_raises_and_leaves_the_network_whole():
 def test_bad_construction(kwargs, exc_type, message):
     with pytest.raises(exc_type, match=message):
         fastbp.MLP(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_the_deepest_network_trains_and_predicts(backend):
+    # 512 weight layers, the most the compiled kernels (and checkpoints) take
+    net = fastbp.MLP([3] * 512 + [2], activation="identity", seed=0, backend=backend)
+    X = np.ones((2, 3), np.float32)
+    assert net.predict_proba(X).shape == (2, 2)
+    assert np.isfinite(net.step(X, np.array([0, 1]), fastbp.SGD(net.params, lr=1e-3)))
 
 
 def test_repr_names_the_configuration():

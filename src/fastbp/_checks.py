@@ -17,6 +17,10 @@ OUTPUT_ACTIVATIONS = ("identity", "sigmoid", "tanh")
 
 LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
+#: The most weight layers a network may have (the compiled kernels keep per-layer
+#: offsets on the stack; _kernels.pyx's MAX_LAYERS is the same number).
+MAX_LAYERS = 512
+
 #: Negative slope of ``leaky_relu`` (PyTorch's default).
 LEAKY_RELU_SLOPE = 0.01
 

@@ -890,7 +890,8 @@ def all_finite(x):
 # ---------------------------------------------------------------------------
 # mlp_gradients: the whole forward / loss / backward of a network in one call
 
-# Layers in one network: enough for anything fastbp trains; checked at the boundary.
+# Layers in one network: enough for anything fastbp trains; checked at the boundary
+# (fastbp._checks.MAX_LAYERS, the same number: tests/test_network.py holds them together).
 cdef enum:
     MAX_LAYERS = 512
     CROSS_ENTROPY = 0

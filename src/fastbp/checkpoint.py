@@ -37,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS
+from ._checks import ACTIVATIONS, LOSSES, MAX_LAYERS, OUTPUT_ACTIVATIONS
 from . import optim
 from .optim import SGD, Adam, AdamW
 
@@ -50,7 +50,6 @@ _CHECKSUM_SIZE = 32
 _ALIGN = 64
 MAX_HEADER_SIZE = 16 * 2**20
 # Limits that keep a hostile header from asking for absurd work or memory.
-_MAX_LAYERS = 512
 _MAX_WIDTH = 2**31 - 1
 _MAX_METADATA_DEPTH = 32
 
@@ -338,7 +337,7 @@ def load(path, *, backend=None):
     _keys(netspec, path, "network", ("sizes", "activations", "loss", "output", "dtype",
                                      "backend", "epoch", "rng"))
     sizes = netspec["sizes"]
-    _expect(isinstance(sizes, list) and 2 <= len(sizes) <= _MAX_LAYERS + 1
+    _expect(isinstance(sizes, list) and 2 <= len(sizes) <= MAX_LAYERS + 1
             and all(_is_int(s) and 1 <= s <= _MAX_WIDTH for s in sizes), path,
             "network sizes are not 2 to 513 positive integers")
     acts = netspec["activations"]

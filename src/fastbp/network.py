@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from ._backend import get_backend
-from ._checks import ACTIVATIONS, LOSSES, OUTPUT_ACTIVATIONS, check_choice
+from ._checks import ACTIVATIONS, LOSSES, MAX_LAYERS, OUTPUT_ACTIVATIONS, check_choice
 from ._layout import aligned_empty, aligned_on_load, mlp_views, restored
 from . import train as _train
 from .init import check_init, initial_parameters
@@ -24,6 +24,8 @@ def _check_sizes(sizes):
         raise TypeError(f"sizes must be a sequence of layer widths, got {type(sizes).__name__}") from None
     if len(sizes) < 2:
         raise ValueError(f"sizes must give at least an input and an output width, got {sizes}")
+    if len(sizes) - 1 > MAX_LAYERS:
+        raise ValueError(f"sizes gives {len(sizes) - 1} weight layers; a network has at most {MAX_LAYERS}")
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
             raise ValueError(f"sizes must be positive integers, got {sizes}")
