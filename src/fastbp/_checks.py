@@ -178,73 +178,59 @@ def _check_network(sizes, activations, loss, output):
     return sizes
 
 
-def _check_labels(labels, k):
-    bad = np.flatnonzero((labels < 0) | (labels >= k))
-    if bad.size:
-        raise label_error(bad[0], labels[bad[0]], k)
-
-
-def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
-    """Every check of `mlp_gradients`, in the order both backends apply them."""
+def _check_network_call(kernel, X, labels, targets, params, sizes, activations, loss, output,
+                        written, loss_optional):
+    """The checks of `mlp_gradients` and `mlp_forward`, in the order both backends
+    apply them. written: the arrays the call writes, by name, in signature order
+    (work buffers "A" and "D", the gradient "grad", the outputs "out", which may be
+    None); loss_optional: labels and targets may both be None (no loss)."""
     sizes = _check_network(sizes, activations, loss, output)
-    check_call("mlp_gradients", X=X, labels=labels, targets=targets, params=params, A=A, D=D, grad=grad)
+    check_call(kernel, X=X, labels=labels, targets=targets, params=params, **written)
     if loss == "cross_entropy":
-        if labels is None or targets is not None:
+        if targets is not None or labels is None and not loss_optional:
             raise ValueError("cross_entropy takes labels, and targets=None")
-    elif targets is None or labels is not None:
+    elif labels is not None or targets is None and not loss_optional:
         raise ValueError(f"{loss} takes targets, and labels=None")
     n = X.shape[0]
     check_shape("X", X, (None, sizes[0]))
     n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
     check_shape("params", params, (n_params,))
-    check_shape("grad", grad, (n_params,))
+    if "grad" in written:
+        check_shape("grad", written["grad"], (n_params,))
     work = n * sum(sizes[1:])
-    for name, buf in (("A", A), ("D", D)):
-        if buf.shape[0] < work:
-            raise ValueError(f"{name} has {buf.shape[0]} elements; a batch of {n} needs at least {work}")
+    for name in ("A", "D"):
+        size = written[name].shape[0] if name in written else work
+        if size < work:
+            raise ValueError(f"{name} has {size} elements; a batch of {n} needs at least {work}")
+    if written.get("out") is not None:
+        check_shape("out", written["out"], (n, sizes[-1]))
     if labels is not None:
         check_shape("labels", labels, (n,))
     if targets is not None:
         check_shape("targets", targets, (n, sizes[-1]))
-    arrays = [("X", X), ("labels", labels), ("targets", targets), ("params", params), ("A", A),
-              ("D", D), ("grad", grad)]
+    arrays = [("X", X), ("labels", labels), ("targets", targets), ("params", params)]
+    arrays += list(written.items())
     for k, (name, a) in enumerate(arrays):
-        if name in ("A", "D", "grad"):
+        if name in written:
             check_no_overlap(name, a, arrays[:k] + arrays[k + 1:])
     if n == 0:
         raise empty_batch_error("X")
     if labels is not None:
-        _check_labels(labels, sizes[-1])
+        bad = np.flatnonzero((labels < 0) | (labels >= sizes[-1]))
+        if bad.size:
+            raise label_error(bad[0], labels[bad[0]], sizes[-1])
+
+
+def check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
+    """Every check of `mlp_gradients`, in the order both backends apply them."""
+    _check_network_call("mlp_gradients", X, labels, targets, params, sizes, activations, loss,
+                        output, {"A": A, "D": D, "grad": grad}, loss_optional=False)
 
 
 def check_forward_call(X, labels, targets, params, sizes, activations, loss, output, A, out):
     """Every check of `mlp_forward`, in the order both backends apply them."""
-    sizes = _check_network(sizes, activations, loss, output)
-    check_call("mlp_forward", X=X, labels=labels, targets=targets, params=params, A=A, out=out)
-    if loss == "cross_entropy" and targets is not None:
-        raise ValueError("cross_entropy takes labels, and targets=None")
-    if loss != "cross_entropy" and labels is not None:
-        raise ValueError(f"{loss} takes targets, and labels=None")
-    n = X.shape[0]
-    check_shape("X", X, (None, sizes[0]))
-    check_shape("params", params, (sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:])),))
-    work = n * sum(sizes[1:])
-    if A.shape[0] < work:
-        raise ValueError(f"A has {A.shape[0]} elements; a batch of {n} needs at least {work}")
-    if out is not None:
-        check_shape("out", out, (n, sizes[-1]))
-    if labels is not None:
-        check_shape("labels", labels, (n,))
-    if targets is not None:
-        check_shape("targets", targets, (n, sizes[-1]))
-    arrays = [("X", X), ("labels", labels), ("targets", targets), ("params", params), ("A", A),
-              ("out", out)]
-    check_no_overlap("A", A, arrays[:4] + arrays[5:])
-    check_no_overlap("out", out, arrays[:5])
-    if n == 0:
-        raise empty_batch_error("X")
-    if labels is not None:
-        _check_labels(labels, sizes[-1])
+    _check_network_call("mlp_forward", X, labels, targets, params, sizes, activations, loss,
+                        output, {"A": A, "out": out}, loss_optional=True)
 
 
 def check_sgd_momentum(momentum_buffer, params, momentum, nesterov, dampening):
