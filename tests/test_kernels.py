@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastbp
 from fastbp import _kernels, reference
 from fastbp._checks import ACTIVATIONS, LEAKY_RELU_SLOPE, OUTPUT_ACTIVATIONS
 
@@ -955,24 +956,95 @@ def small_kernel():
 
 
 def test_small_product_takes_the_shapes_it_measured_faster_on():
-    # the test shapes below must reach the kernel; BLAS keeps n_in > 128, large
-    # products and narrow last layers on small batches
-    assert all(_kernels._small_gemm_takes(*shape) for shape in SMALL_SHAPES)
-    for shape in [(32, 129, 64), (32, 784, 128), (512, 128, 128), (32, 128, 10), (64, 32, 16),
-                  (32, 0, 64)]:
-        assert not _kernels._small_gemm_takes(*shape), shape
-    assert _kernels._small_gemm_takes(32, 64, 128) and _kernels._small_gemm_takes(128, 128, 10)
+    takes = _kernels._small_gemm_takes
+    # the test shapes above reach the kernel whatever BLAS's thread count (0: unknown)
+    for threads in (0, 1, 2, 4):
+        for f64 in (False, True):
+            assert all(takes(*shape, threads, f64) for shape in SMALL_SHAPES), threads
+    # BLAS on several threads: the kernel takes deeper inputs on small batches onto
+    # 128 outputs or more, and onto 17-32 outputs; BLAS keeps wider products on 64
+    # rows or more, large products, narrow last layers on small batches, < 8 rows
+    several = {(32, 784, 128): True, (16, 2048, 256): True, (128, 784, 32): True,
+               (64, 784, 128): False, (128, 784, 256): False, (32, 129, 64): False,
+               (32, 4096, 1024): False, (4, 784, 256): False, (512, 128, 128): False,
+               (32, 128, 10): False, (64, 32, 16): False, (32, 0, 64): False}
+    for threads in (0, 2, 4):
+        for shape, want in several.items():
+            assert takes(*shape, threads) is want, (shape, threads)
+            # float64: not the deeper inputs onto 128 outputs or more (dgemm wins)
+            want64 = want and not (shape[0] <= 32 and shape[1] > 128 and shape[2] >= 128)
+            assert takes(*shape, threads, True) is want64, (shape, threads)
+    # BLAS on one thread: the kernel takes more, up to 2^20 outputs
+    one = {(128, 784, 256): True, (64, 784, 128): True, (512, 256, 1024): True,
+           (4096, 784, 64): True, (16, 784, 256): True, (16, 784, 64): False,
+           (4096, 64, 1024): False, (512, 2048, 256): False, (4, 784, 256): False,
+           (32, 128, 10): False, (32, 0, 64): False}
+    for shape, want in one.items():
+        assert takes(*shape, 1) is want and takes(*shape, 1, True) is want, shape
+
+
+def test_small_product_follows_the_blas_thread_count():
+    # The kernel runs on one thread, so where it beats BLAS depends on how many BLAS
+    # runs on; it reads that at every product, as set_num_threads leaves it.
+    original = fastbp.get_num_threads()
+    assert _kernels._blas_threads() == original
+    try:
+        for n in (1, 2, 1):
+            fastbp.set_num_threads(n)
+            assert _kernels._blas_threads() == n
+            assert _kernels._small_gemm_takes(128, 784, 256) is (n == 1)
+    finally:
+        fastbp.set_num_threads(original)
 
 
 def test_small_product_switch(small_kernel):
     assert _kernels._small_gemm(False) is SMALL_ON
     assert _kernels._small_gemm() is False
+    for bad in (1, 0, "on"):
+        with pytest.raises(ValueError, match="False, True or 'always'"):
+            _kernels._small_gemm(bad)
+        assert _kernels._small_gemm() is False
     if SMALL_ON:
         assert _kernels._small_gemm(True) is False and _kernels._small_gemm() is True
+        assert _kernels._small_gemm("always") is True and _kernels._small_gemm() == "always"
+        assert _kernels._small_gemm_takes(4096, 4096, 4096)  # every shape
+        assert _kernels._small_gemm(True) == "always"
+        assert not _kernels._small_gemm_takes(4096, 4096, 4096)
     else:
-        with pytest.raises(ValueError, match="needs AVX-512"):
-            _kernels._small_gemm(True)
-        assert _kernels._small_gemm() is False
+        for on in (True, "always"):
+            with pytest.raises(ValueError, match="needs AVX-512"):
+                _kernels._small_gemm(on)
+            assert _kernels._small_gemm() is False
+
+
+# Inputs deeper than one packed panel of W (128): several panels, the partial sums
+# kept in Z between them, and more than one sweep of 256 rows; taken by the kernel
+# where its rule says so, and by every test here ("always").
+DEEP_SHAPES = [(1, 129, 17), (8, 200, 32), (13, 256, 33), (12, 300, 16), (261, 385, 40),
+               (9, 785, 100)]
+
+
+@needs_small_kernel
+def test_deep_product_sums_each_element_in_one_chain_of_fmas(small_kernel):
+    # However deep the input, every element must be z = fma(x[k], w[k], z) for
+    # k = 0, 1, ..., n_in - 1 from z = 0, as on a shallow one. An FMA of float32s is
+    # emulated in long double: the product is exact there, and the sum is rounded
+    # once to 64 bits before float32 (a second rounding that changes the float32
+    # result with probability about 2^-39 per operation).
+    if np.finfo(np.longdouble).nmant < 63:
+        pytest.skip("needs an 80-bit long double (x86-64) to emulate an FMA")
+    rng = np.random.default_rng(5)
+    _kernels._small_gemm("always")
+    for n, n_in, n_out in DEEP_SHAPES:
+        X = rng.normal(size=(n, n_in)).astype(np.float32)
+        W = rng.normal(size=(n_out, n_in)).astype(np.float32)
+        Z = _kernels.dense_forward(X, W, np.full(n_out, -0.0, np.float32), "identity",
+                                   np.full((n, n_out), np.nan, np.float32))
+        z = np.zeros((n, n_out), np.float32)
+        Xl, Wl = X.astype(np.longdouble), W.astype(np.longdouble)
+        for k in range(n_in):
+            z = (Xl[:, k, None] * Wl[None, :, k] + z).astype(np.float32)
+        assert Z.tobytes() == z.tobytes(), (n, n_in, n_out)
 
 
 @needs_small_kernel
@@ -980,12 +1052,12 @@ def test_small_product_switch(small_kernel):
 def test_small_product_is_accurate(small_kernel, dtype):
     rng = np.random.default_rng(7)
     tol = np.finfo(dtype).eps
-    for n, n_in, n_out in SMALL_SHAPES:
+    for n, n_in, n_out in SMALL_SHAPES + DEEP_SHAPES:
         X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
         b = rng.normal(size=n_out).astype(dtype)
         exact = X.astype(np.longdouble) @ W.T.astype(np.longdouble)
         scale = np.abs(X.astype(np.float64)) @ np.abs(W.T.astype(np.float64))
-        for on in (True, False):
+        for on in ("always", False):
             _kernels._small_gemm(on)
             Z = _kernels.dense_forward(X, W, b, "identity", np.full((n, n_out), np.nan, dtype))
             # minus the bias, as the kernel adds it: a sum of n_in rounded products
@@ -998,13 +1070,14 @@ def test_small_product_is_accurate(small_kernel, dtype):
 
 @needs_small_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_small_product_adds_bias_and_activation_as_the_separate_pass_does(dtype):
+def test_small_product_adds_bias_and_activation_as_the_separate_pass_does(small_kernel, dtype):
     # The kernel applies the bias and relu / leaky relu as it stores: the bits must
     # be those of the product followed by `z = act(z + b)`. The product alone is
     # dense_forward with a bias of -0.0 (x + -0.0 is x for every x, -0.0 included).
     rng = np.random.default_rng(11)
     slope = dtype(LEAKY_RELU_SLOPE)
-    for n, n_in, n_out in SMALL_SHAPES[::7] + [(32, 64, 128), (13, 9, 33), (140, 36, 9)]:
+    _kernels._small_gemm("always")  # (the bias comes with a deep input's last panel)
+    for n, n_in, n_out in SMALL_SHAPES[::7] + [(32, 64, 128), (13, 9, 33), (140, 36, 9)] + DEEP_SHAPES:
         X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
         b = rng.normal(size=n_out).astype(dtype)
         X[0] = 0  # exact zeros, and -0.0 where the bias is -0.0
@@ -1021,32 +1094,36 @@ def test_small_product_adds_bias_and_activation_as_the_separate_pass_does(dtype)
             got = _kernels.dense_forward(X, W, b, act, np.full((n, n_out), 7, dtype))
             assert got.tobytes() == want.tobytes(), (act, n, n_in, n_out)
         # sigmoid and tanh: the bias in the kernel, then fastbp's loops over Z (a few
-        # units of rounding from the exact functions of the same z)
+        # units of rounding from the exact functions of the same z, or one step of the
+        # subnormals: deep inputs reach sigmoid(z) < 1e-38)
         z64 = z.astype(np.float64)
         with np.errstate(over="ignore"):
             exact = {"sigmoid": 1 / (1 + np.exp(-z64)), "tanh": np.tanh(z64)}
         for act, want in exact.items():
             got = _kernels.dense_forward(X, W, b, act, np.empty((n, n_out), dtype))
-            np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps, atol=0)
+            np.testing.assert_allclose(got, want, rtol=4 * np.finfo(dtype).eps,
+                                       atol=np.finfo(dtype).smallest_subnormal)
 
 
 @needs_small_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_product_propagates_nan_and_inf_like_blas(small_kernel, dtype):
-    n, n_in, n_out = 13, 9, 33
-    X = np.ones((n, n_in), dtype)
-    W = np.ones((n_out, n_in), dtype)
-    X[0, 3], X[1, 8], X[2, 0] = np.inf, np.nan, -np.inf
-    W[5, 3] = 0.0  # inf * 0: NaN
-    W[7, 0] = -1.0  # -inf * -1: +inf
-    out = {}
-    for on in (True, False):
-        _kernels._small_gemm(on)
-        out[on] = _kernels.dense_forward(X, W, np.zeros(n_out, dtype), "identity",
-                                         np.empty((n, n_out), dtype))
-    assert np.isnan(out[True][0, 5]) and out[True][0, 4] == np.inf
-    assert np.isnan(out[True][1]).all() and out[True][2, 7] == np.inf
-    np.testing.assert_array_equal(out[True], out[False])  # NaNs in the same places
+    # (13, 300, 33): the NaN and infinities of the first panel of a deep input
+    # must come through the partial sums kept in Z to the end
+    for n, n_in, n_out in [(13, 9, 33), (13, 300, 33)]:
+        X = np.ones((n, n_in), dtype)
+        W = np.ones((n_out, n_in), dtype)
+        X[0, 3], X[1, 8], X[2, 0] = np.inf, np.nan, -np.inf
+        W[5, 3] = 0.0  # inf * 0: NaN
+        W[7, 0] = -1.0  # -inf * -1: +inf
+        out = {}
+        for on in ("always", False):
+            _kernels._small_gemm(on)
+            out[on] = _kernels.dense_forward(X, W, np.zeros(n_out, dtype), "identity",
+                                             np.empty((n, n_out), dtype))
+        assert np.isnan(out["always"][0, 5]) and out["always"][0, 4] == np.inf
+        assert np.isnan(out["always"][1]).all() and out["always"][2, 7] == np.inf
+        np.testing.assert_array_equal(out["always"], out[False])  # NaNs in the same places
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

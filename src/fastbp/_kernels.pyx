@@ -121,7 +121,10 @@ cdef extern from "_vecmath.h" nogil:
 cdef extern from "_smallgemm.h" nogil:
     int fbp_tn_on
     int fbp_tn_init()
-    int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out)
+    int fbp_tn_find_blas_threads(const void* fn)
+    int (*fbp_blas_threads)()
+    int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int f64)
+    int fbp_tn_takes_for(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int threads, int f64)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
                    Py_ssize_t n_out, const float* b, int act, float slope)
     int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
@@ -129,6 +132,7 @@ cdef extern from "_smallgemm.h" nogil:
 
 cnp.import_array()
 fbp_tn_init()
+fbp_tn_find_blas_threads(<const void*>sgemm)
 
 #: True when built with FASTBP_CYTHON_DEBUG=1 (bounds and initialisation checks on).
 DEBUG_BUILD = bool(FASTBP_DEBUG)
@@ -280,24 +284,40 @@ cdef inline void _forward_layer(const floating* X, const floating* W, const floa
         _squash(Z, n * n_out, act)
 
 
+_SMALL_GEMM_MODES = (False, True, "always")
+
+
 def _small_gemm(enabled=None):
-    """Whether small forward products run on _smallgemm.h's kernel (needs AVX-512)
-    rather than BLAS. With an argument, switches it (tests and benchmarks compare
-    the two) and returns the previous setting."""
-    cdef bint previous = fbp_tn_on
+    """Whether forward products run on _smallgemm.h's kernel (needs AVX-512) where
+    it beats BLAS. With an argument, switches it and returns the previous setting:
+    False (BLAS does every product), True, or "always" (the kernel does every
+    product, for tests). Tests and benchmarks compare them."""
+    previous = _SMALL_GEMM_MODES[fbp_tn_on]
     global fbp_tn_on
     if enabled is not None:
+        if not any(enabled is mode for mode in _SMALL_GEMM_MODES) and enabled != "always":
+            raise ValueError(f"the small-product setting is False, True or 'always', got {enabled!r}")
         if enabled and not fbp_tn_init():
-            fbp_tn_on = previous
+            fbp_tn_on = _SMALL_GEMM_MODES.index(previous)
             raise ValueError("the small-product kernel needs AVX-512, which this CPU lacks")
-        fbp_tn_on = bool(enabled)
-    return bool(previous)
+        fbp_tn_on = 2 if enabled == "always" else int(enabled)
+    return previous
 
 
-def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out):
+def _blas_threads():
+    """The thread count of the BLAS that the kernels call, as _smallgemm.h reads it
+    to choose between its kernel and BLAS; None where it found no way to read it."""
+    return fbp_blas_threads() if fbp_blas_threads != NULL else None
+
+
+def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, blas_threads=None,
+                      bint f64=False):
     """Whether the forward product of this shape runs on _smallgemm.h's kernel
-    (when it is on) rather than BLAS."""
-    return bool(fbp_tn_takes(n, n_in, n_out))
+    (when it is on) rather than BLAS, in float32 (or float64 with `f64`): with
+    BLAS's thread count as it is now, or as if it were `blas_threads` (0: unknown)."""
+    if blas_threads is None:
+        return bool(fbp_tn_takes(n, n_in, n_out, f64))
+    return bool(fbp_tn_takes_for(n, n_in, n_out, blas_threads, f64))
 
 
 # ---------------------------------------------------------------------------

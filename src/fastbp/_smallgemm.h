@@ -1,4 +1,6 @@
-/* The forward product of a dense layer on small inputs, Z = X @ W.T, without BLAS.
+/* The forward product of a dense layer, Z = X @ W.T, without BLAS, where BLAS is
+ * slow at it: small layers, small batches, and (BLAS on one thread) most
+ * layers of up to 2^20 outputs. fbp_tn_takes says where, from measurements.
  *
  * X is (n, n_in) and W is (n_out, n_in), both row-major: every element of Z
  * is a dot product of two contiguous rows ("TN" to a column-major BLAS).
@@ -9,7 +11,10 @@
  * transpose of W costs what it saves. This kernel packs only W, one panel of
  * columns at a time into a buffer on the stack, and multiplies 8 rows of X
  * (12 for a panel one vector wide) by a panel in registers: 5.2 us for that
- * product, its packing included. fbp_tn_takes says where it is used. A dense
+ * product, its packing included. On one thread, it runs at 100-135 GFLOP/s
+ * on layers of 64 inputs or more (float32, 128 x 784 x 256: 120), against
+ * 40-100 for OpenBLAS's one thread; OpenBLAS on two threads beats it on batches of 64
+ * rows or more onto wide outputs, where the kernel keeps to BLAS. A dense
  * layer's bias, and relu or leaky relu, are applied to the accumulators as
  * they are stored (the same operations as fbp_bias_act's separate pass over Z,
  * so the same bits): 2.4% off a digits-network step.
@@ -29,9 +34,14 @@
 
 #include "_vecmath.h" /* the activation codes */
 
-/* The largest n_in this kernel takes: its panel (n_in x 32 floats, or
- * n_in x 16 doubles) is 16 KiB then, half of L1. */
+/* The depth of a packed panel: 128 rows of W (128 x 32 floats, or 128 x 16
+ * doubles) are 16 KiB, half of L1. A deeper n_in is packed and multiplied 128
+ * at a time, each column's partial sum kept in Z in between (stored and
+ * loaded exactly: the same bits as one pass). */
 #define FBP_TN_MAX_K 128
+/* Rows of X per sweep over the panels: 256 rows of a 128-deep slice of X are
+ * 128 KiB (floats), which stay in L2 while every panel of W passes over them. */
+#define FBP_TN_SWEEP 256
 /* Rows of X per block: 8 with panels of 2 vectors (16 accumulators), 12 with
  * panels of 1, so that enough independent FMAs are in flight. Batches of a
  * multiple of 8 rows leave no short tail block (6 rows left 2 of 32 to a block
@@ -41,6 +51,10 @@
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h> /* dladdr, to find BLAS's thread count */
+#define FBP_HAVE_DLADDR 1
+#endif
 
 /* P[k * pw + jj] = W[jj * n_in + k] for jj < w, and 0 for w <= jj < pw: rows
  * of W into columns of the panel P. Blocks of 8 x 8 floats (4 x 4 doubles)
@@ -103,30 +117,32 @@ static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double
 /* The packing itself, per dtype: blocks of B x B through the transposes above. */
 #define FBP_DEFINE_PACK(T, S, B)                                                         \
 __attribute__((target("avx512f")))                                                       \
-static void fbp_pack_##S(const T *W, ptrdiff_t n_in, ptrdiff_t w, T *P, ptrdiff_t pw)   \
+static void fbp_pack_##S(const T *W, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T *P,      \
+                         ptrdiff_t pw)                                                   \
 {                                                                                        \
     ptrdiff_t jj = 0, k;                                                                 \
     for (; jj + B <= w; jj += B) {                                                       \
-        const T *r = W + jj * n_in;                                                      \
-        for (k = 0; k + B <= n_in; k += B)                                               \
-            fbp_transpose_block_##S(r + k, n_in, P + k * pw + jj, pw);                   \
-        for (; k < n_in; k++)                                                            \
+        const T *r = W + jj * ld;                                                        \
+        for (k = 0; k + B <= kc; k += B)                                                 \
+            fbp_transpose_block_##S(r + k, ld, P + k * pw + jj, pw);                     \
+        for (; k < kc; k++)                                                              \
             for (ptrdiff_t c = 0; c < B; c++)                                            \
-                P[k * pw + jj + c] = r[c * n_in + k];                                    \
+                P[k * pw + jj + c] = r[c * ld + k];                                      \
     }                                                                                    \
-    for (k = 0; jj < pw && k < n_in; k++) {                                              \
+    for (k = 0; jj < pw && k < kc; k++) {                                                \
         for (ptrdiff_t c = jj; c < w; c++)                                               \
-            P[k * pw + c] = W[c * n_in + k];                                             \
+            P[k * pw + c] = W[c * ld + k];                                               \
         for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
             P[k * pw + c] = 0;                                                           \
     }                                                                                    \
-}
+}                                                                                        \
 
 FBP_DEFINE_PACK(float, f32, 8)
 FBP_DEFINE_PACK(double, f64, 4)
 
-/* 1: the CPU has AVX-512 and the kernel is on; 0: BLAS does every product.
- * Set when the module loads (fbp_tn_init); tests and benchmarks switch it. */
+/* 1: the CPU has AVX-512 and the kernel is on where fbp_tn_takes says; 2: on
+ * for every shape (tests); 0: BLAS does every product. Set when the module
+ * loads (fbp_tn_init); tests and benchmarks switch it. */
 static int fbp_tn_on = 0;
 
 static int fbp_tn_init(void)
@@ -136,17 +152,90 @@ static int fbp_tn_init(void)
     return fbp_tn_on;
 }
 
-/* Whether this kernel beats OpenBLAS on the shape (measured on an AVX-512
- * machine, 2 threads, each product with its bias pass): n_in above 128
- * loses (BLAS's packing pays off); so does more than 2^22 multiply-adds
- * (BLAS runs on both cores; this kernel on one); and a last layer of 16
- * outputs or fewer on fewer than 128 rows (one partly empty vector per row:
- * 0.74-0.99x on 32 rows). Elsewhere it measured 1.2-2.2x faster. */
-static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out)
+/* The number of threads of the BLAS that the caller would otherwise call, read
+ * at every product (set_num_threads and threadpoolctl change it at any time):
+ * fbp_tn_find_blas_threads finds the library's own getter when the module
+ * loads. Without one, fbp_tn_takes assumes a BLAS on several threads. */
+static int (*fbp_blas_threads)(void) = NULL;
+
+/* fn: a function of the library that calls BLAS (SciPy's cython_blas); the
+ * getter is looked up in it and the libraries it loaded: OpenBLAS (SciPy's
+ * prefixed builds first), MKL, BLIS. 1 if found. */
+static int fbp_tn_find_blas_threads(const void *fn)
 {
-    if (n_in < 1 || n_in > FBP_TN_MAX_K || (n_out <= 16 && n < 128))
+#ifdef FBP_HAVE_DLADDR
+    static const char *names[] = {
+        "scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
+        "openblas_get_num_threads", "openblas_get_num_threads64_",
+        "MKL_Get_Max_Threads", "bli_thread_get_num_threads"};
+    Dl_info info;
+    void *lib, *getter = NULL;
+    if (fn == NULL || !dladdr(fn, &info) || info.dli_fname == NULL)
         return 0;
-    return (double)n * (double)n_in * (double)n_out <= 4194304.0;
+    lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == NULL)
+        return 0;
+    for (size_t i = 0; getter == NULL && i < sizeof(names) / sizeof(names[0]); i++)
+        getter = dlsym(lib, names[i]);
+    dlclose(lib); /* (RTLD_NOLOAD: the library stays, loaded by its importer) */
+    fbp_blas_threads = (int (*)(void))getter;
+    return getter != NULL;
+#else
+    (void)fn;
+    return 0;
+#endif
+}
+
+/* Whether this kernel beats BLAS on the shape. It runs on one thread, so the
+ * answer depends on BLAS's thread count. Measured on an AVX-512 machine (Intel
+ * Cascade Lake, SciPy's OpenBLAS 0.3.30; every product with its bias pass;
+ * ratios are BLAS's time over the kernel's):
+ * - Everywhere: n_in <= 128 up to 2^22 multiply-adds (1.2-2.2x against BLAS on
+ *   two threads); but not a last layer of 16 outputs or fewer on fewer than
+ *   128 rows (one partly empty vector per row: 0.74-0.99x on 32 rows).
+ * - Deeper inputs, BLAS on several threads: where BLAS cannot use its second
+ *   thread well: 17-32 outputs on 32-128 rows (1.1-1.7x), and in float32,
+ *   8-32 rows onto 128 outputs or more, up to 2^24 multiply-adds (1.1-2.0x;
+ *   float64's panels are half as wide, and dgemm's two threads win there,
+ *   0.78-0.92x). On 64 rows or more and wider outputs, BLAS's two threads
+ *   win (0.5-0.9x).
+ * - Deeper inputs, BLAS on one thread: on 32 rows or more, n_in <= 256, or at
+ *   most 64 outputs, or a sweep of few outputs (n * n_out <= 32768): 1.1-2.3x;
+ *   but at most 2^20 outputs (4096 x 64 x 1024: 0.67x), and BLAS's blocking
+ *   of X wins on deep inputs onto many outputs (512 x 2048 x 256: 0.92x).
+ *   On 8-31 rows, 128 outputs or more: 1.5-3.5x.
+ * - Fewer than 8 rows (beyond the first rule): BLAS, whose matrix-vector path
+ *   reads W once, where the kernel packs it first (0.3-0.9x).
+ * threads: BLAS's thread count (0: unknown, taken as several), or
+ * FBP_TN_READ_THREADS to read it now; f64: the product is in float64. */
+#define FBP_TN_READ_THREADS (-1)
+static inline int fbp_tn_takes_for(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int threads,
+                                   int f64)
+{
+    double mac = (double)n * (double)n_in * (double)n_out, outputs = (double)n * (double)n_out;
+    if (n_in < 1 || (n_out <= 16 && n < 128))
+        return 0;
+    if (n_in <= 128 && mac <= 4194304.0)
+        return 1;
+    if (n < 8)
+        return 0;
+    if (threads == FBP_TN_READ_THREADS)
+        threads = fbp_blas_threads != NULL ? fbp_blas_threads() : 0;
+    if (threads != 1)
+        return (!f64 && n <= 32 && n_out >= 128 && mac <= 16777216.0)
+               || (n_out <= 32 && n >= 32 && n <= 128);
+    if (n < 32)
+        return n_out >= 128 && outputs <= 32768.0;
+    return outputs <= 1048576.0 && (n_in <= 256 || n_out <= 64 || outputs <= 32768.0);
+}
+
+/* The kernel's choice for the next product: the rule above with BLAS's thread
+ * count as it is now, or every shape in the tests' mode. */
+static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int f64)
+{
+    if (fbp_tn_on == 2)
+        return n_in >= 1;
+    return fbp_tn_takes_for(n, n_in, n_out, FBP_TN_READ_THREADS, f64);
 }
 
 /* One kernel per dtype, called through ENTRY. V: the vector type, L: its lanes; a panel is
@@ -169,23 +258,30 @@ static inline V NAME##_finish(V v, V bias, int act, V slope)                    
     return v;                                                                            \
 }                                                                                        \
                                                                                          \
+/* R rows of X (ldx apart) times kc rows of the panel P, into R rows of Z (ldz apart):    \
+ * from zero when first, else on from the partial sums Z holds. */                       \
 __attribute__((target(TARGET), always_inline))                                           \
-static inline void NAME##_rows(const T *X, ptrdiff_t n_in, const T *P, T *Z,             \
-                               ptrdiff_t n_out, ptrdiff_t w, const int R, const int NV,  \
-                               const T *b, int act, T slope)                             \
+static inline void NAME##_rows(const T *X, ptrdiff_t ldx, ptrdiff_t kc, const T *P,      \
+                               T *Z, ptrdiff_t ldz, ptrdiff_t w, const int R,            \
+                               const int NV, int first, const T *b, int act, T slope)    \
 {                                                                                        \
     V a0[FBP_TN_ROWS1], a1[FBP_TN_ROWS1];                                                \
     for (int r = 0; r < R; r++) {                                                        \
-        a0[r] = ZERO();                                                                  \
-        a1[r] = ZERO();                                                                  \
+        if (first) {                                                                     \
+            a0[r] = ZERO();                                                              \
+            a1[r] = ZERO();                                                              \
+        } else {                                                                         \
+            a0[r] = LOADW(Z + r * ldz, w < L ? w : L);                                   \
+            a1[r] = NV == 2 ? LOADW(Z + r * ldz + L, w - L) : ZERO();                    \
+        }                                                                                \
     }                                                                                    \
     /* unrolled: one k per pass issued 29 uops for 16 FMAs, near the 4 per cycle    */   \
     /* the front end allocates; 4 per pass: 5-7% faster (32x64x128: 6.2 -> 5.8 us) */   \
     _Pragma("GCC unroll 4")                                                              \
-    for (ptrdiff_t k = 0; k < n_in; k++) {                                               \
+    for (ptrdiff_t k = 0; k < kc; k++) {                                                 \
         V p0 = LOAD(P + k * NV * L), p1 = NV == 2 ? LOAD(P + k * NV * L + L) : p0;       \
         for (int r = 0; r < R; r++) {                                                    \
-            V x = SET1(X[r * n_in + k]);                                                 \
+            V x = SET1(X[r * ldx + k]);                                                  \
             a0[r] = FMA(x, p0, a0[r]);                                                   \
             if (NV == 2)                                                                 \
                 a1[r] = FMA(x, p1, a1[r]);                                               \
@@ -202,63 +298,74 @@ static inline void NAME##_rows(const T *X, ptrdiff_t n_in, const T *P, T *Z,    
     }                                                                                    \
     for (int r = 0; r < R; r++) {                                                        \
         if (w >= 2 * L) {                                                                \
-            STORE(Z + r * n_out, a0[r], L);                                              \
-            STORE(Z + r * n_out + L, a1[r], L);                                          \
+            STORE(Z + r * ldz, a0[r], L);                                                \
+            STORE(Z + r * ldz + L, a1[r], L);                                            \
         } else if (w > L) {                                                              \
-            STORE(Z + r * n_out, a0[r], L);                                              \
-            STORE(Z + r * n_out + L, a1[r], w - L);                                      \
+            STORE(Z + r * ldz, a0[r], L);                                                \
+            STORE(Z + r * ldz + L, a1[r], w - L);                                        \
         } else {                                                                         \
-            STORE(Z + r * n_out, a0[r], w);                                              \
+            STORE(Z + r * ldz, a0[r], w);                                                \
         }                                                                                \
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Every row of X times one packed panel (NV vectors wide) into Z's columns              \
- * j0 .. j0 + w - 1 (Z and b already offset by j0). */                                   \
+/* Every row of X times one packed panel (NV vectors wide, kc deep) into Z's columns     \
+ * j0 .. j0 + w - 1 (Z and b already offset by j0; X by the panel's first k). */         \
 __attribute__((target(TARGET), always_inline))                                           \
-static inline void NAME##_panel(const T *X, ptrdiff_t n, ptrdiff_t n_in, const T *P,     \
-                                T *Z, ptrdiff_t n_out, ptrdiff_t w, const int NV,        \
-                                const T *b, int act, T slope)                            \
+static inline void NAME##_panel(const T *X, ptrdiff_t n, ptrdiff_t ldx, ptrdiff_t kc,    \
+                                const T *P, T *Z, ptrdiff_t ldz, ptrdiff_t w,            \
+                                const int NV, int first, const T *b, int act, T slope)   \
 {                                                                                        \
     const int B = NV == 2 ? FBP_TN_ROWS : FBP_TN_ROWS1;                                  \
     ptrdiff_t i = 0;                                                                     \
     for (; i + B <= n; i += B)                                                           \
-        NAME##_rows(X + i * n_in, n_in, P, Z + i * n_out, n_out, w, B, NV, b, act,       \
+        NAME##_rows(X + i * ldx, ldx, kc, P, Z + i * ldz, ldz, w, B, NV, first, b, act,  \
                     slope);                                                              \
-    X += i * n_in;                                                                       \
-    Z += i * n_out;                                                                      \
+    X += i * ldx;                                                                        \
+    Z += i * ldz;                                                                        \
     switch (n - i) {                                                                     \
-    case 11: NAME##_rows(X, n_in, P, Z, n_out, w, 11, NV, b, act, slope); break;         \
-    case 10: NAME##_rows(X, n_in, P, Z, n_out, w, 10, NV, b, act, slope); break;         \
-    case 9: NAME##_rows(X, n_in, P, Z, n_out, w, 9, NV, b, act, slope); break;           \
-    case 8: NAME##_rows(X, n_in, P, Z, n_out, w, 8, NV, b, act, slope); break;           \
-    case 7: NAME##_rows(X, n_in, P, Z, n_out, w, 7, NV, b, act, slope); break;           \
-    case 6: NAME##_rows(X, n_in, P, Z, n_out, w, 6, NV, b, act, slope); break;           \
-    case 5: NAME##_rows(X, n_in, P, Z, n_out, w, 5, NV, b, act, slope); break;           \
-    case 4: NAME##_rows(X, n_in, P, Z, n_out, w, 4, NV, b, act, slope); break;           \
-    case 3: NAME##_rows(X, n_in, P, Z, n_out, w, 3, NV, b, act, slope); break;           \
-    case 2: NAME##_rows(X, n_in, P, Z, n_out, w, 2, NV, b, act, slope); break;           \
-    case 1: NAME##_rows(X, n_in, P, Z, n_out, w, 1, NV, b, act, slope); break;           \
+    case 11: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 11, NV, first, b, act, slope); break; \
+    case 10: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 10, NV, first, b, act, slope); break; \
+    case 9: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 9, NV, first, b, act, slope); break;   \
+    case 8: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 8, NV, first, b, act, slope); break;   \
+    case 7: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 7, NV, first, b, act, slope); break;   \
+    case 6: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 6, NV, first, b, act, slope); break;   \
+    case 5: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 5, NV, first, b, act, slope); break;   \
+    case 4: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 4, NV, first, b, act, slope); break;   \
+    case 3: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 3, NV, first, b, act, slope); break;   \
+    case 2: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 2, NV, first, b, act, slope); break;   \
+    case 1: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 1, NV, first, b, act, slope); break;   \
     default: break;                                                                      \
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Panels of 2 vectors (of 1 for a last panel of L columns or fewer). */                 \
+/* Z = X @ W.T (then the bias and act) for FBP_TN_SWEEP rows of X at a time:         \
+ * panels of 2 vectors (of 1 for a last panel of L columns or fewer), each packed        \
+ * FBP_TN_MAX_K rows of W at a time; a column's partial sum waits in Z in between. */   \
 __attribute__((target(TARGET)))                                                          \
-static void NAME(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,              \
-                 ptrdiff_t n_out, const T *b, int act, T slope)                          \
+static void NAME##_block(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,      \
+                         ptrdiff_t n_out, const T *b, int act, T slope)                  \
 {                                                                                        \
     T P[FBP_TN_MAX_K * 2 * L] __attribute__((aligned(64)));                              \
-    for (ptrdiff_t j0 = 0; j0 < n_out; j0 += 2 * L) {                                    \
-        ptrdiff_t w = n_out - j0 < 2 * L ? n_out - j0 : 2 * L;                           \
-        if (w > L) {                                                                     \
-            PACK(W + j0 * n_in, n_in, w, P, 2 * L);                                      \
-            NAME##_panel(X, n, n_in, P, Z + j0, n_out, w, 2, b ? b + j0 : NULL, act,     \
-                         slope);                                                         \
-        } else {                                                                         \
-            PACK(W + j0 * n_in, n_in, w, P, L);                                          \
-            NAME##_panel(X, n, n_in, P, Z + j0, n_out, w, 1, b ? b + j0 : NULL, act,     \
-                         slope);                                                         \
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += FBP_TN_SWEEP) {                                 \
+        ptrdiff_t m = n - i0 < FBP_TN_SWEEP ? n - i0 : FBP_TN_SWEEP;                     \
+        const T *Xs = X + i0 * n_in;                                                     \
+        T *Zs = Z + i0 * n_out;                                                          \
+        for (ptrdiff_t j = 0; j < n_out; j += 2 * L) {                                   \
+            ptrdiff_t w = n_out - j < 2 * L ? n_out - j : 2 * L;                         \
+            for (ptrdiff_t k0 = 0; k0 < n_in; k0 += FBP_TN_MAX_K) {                      \
+                ptrdiff_t kc = n_in - k0 < FBP_TN_MAX_K ? n_in - k0 : FBP_TN_MAX_K;      \
+                const T *bias = b != NULL && k0 + kc == n_in ? b + j : NULL;             \
+                if (w > L) {                                                             \
+                    PACK(W + j * n_in + k0, n_in, kc, w, P, 2 * L);                      \
+                    NAME##_panel(Xs + k0, m, n_in, kc, P, Zs + j, n_out, w, 2, k0 == 0,  \
+                                 bias, act, slope);                                      \
+                } else {                                                                 \
+                    PACK(W + j * n_in + k0, n_in, kc, w, P, L);                          \
+                    NAME##_panel(Xs + k0, m, n_in, kc, P, Zs + j, n_out, w, 1, k0 == 0,  \
+                                 bias, act, slope);                                      \
+                }                                                                        \
+            }                                                                            \
         }                                                                                \
     }                                                                                    \
 }                                                                                        \
@@ -269,9 +376,11 @@ static void NAME(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,     
 static int ENTRY(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,              \
                  ptrdiff_t n_out, const T *b, int act, T slope)                          \
 {                                                                                        \
-    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out))                                     \
+    if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out, sizeof(T) == 8))                     \
         return 0;                                                                        \
-    NAME(X, W, Z, n, n_in, n_out, b, b == NULL ? FBP_IDENTITY : act, slope);             \
+    if (b == NULL)                                                                       \
+        act = FBP_IDENTITY;                                                              \
+    NAME##_block(X, W, Z, n, n_in, n_out, b, act, slope);                                \
     return 1;                                                                            \
 }
 
@@ -293,8 +402,12 @@ FBP_DEFINE_TN(fbp_tn_f64, fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_l
 #else /* not x86-64 with GCC or clang: BLAS does every product */
 
 static int fbp_tn_on = 0;
-static int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out) { return 0; }
+static int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int f64) { return 0; }
+static int fbp_tn_takes_for(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int threads, int f64)
+{ return 0; }
 static int fbp_tn_init(void) { return 0; }
+static int fbp_tn_find_blas_threads(const void *fn) { return 0; }
+static int (*fbp_blas_threads)(void) = NULL;
 static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out, const float *b, int act, float slope)
 { return 0; }
