@@ -1077,7 +1077,8 @@ def test_small_product_adds_bias_and_activation_as_the_separate_pass_does(small_
     rng = np.random.default_rng(11)
     slope = dtype(LEAKY_RELU_SLOPE)
     _kernels._small_gemm("always")  # (the bias comes with a deep input's last panel)
-    for n, n_in, n_out in SMALL_SHAPES[::7] + [(32, 64, 128), (13, 9, 33), (140, 36, 9)] + DEEP_SHAPES:
+    shapes = SMALL_SHAPES[::7] + [(32, 64, 128), (13, 9, 33), (140, 36, 9)] + DEEP_SHAPES
+    for n, n_in, n_out in shapes:
         X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
         b = rng.normal(size=n_out).astype(dtype)
         X[0] = 0  # exact zeros, and -0.0 where the bias is -0.0

@@ -13,8 +13,8 @@
  * (12 for a panel one vector wide) by a panel in registers: 5.2 us for that
  * product, its packing included. On one thread, it runs at 100-135 GFLOP/s
  * on layers of 64 inputs or more (float32, 128 x 784 x 256: 120), against
- * 40-100 for OpenBLAS's one thread; OpenBLAS on two threads beats it on batches of 64
- * rows or more onto wide outputs, where the kernel keeps to BLAS. A dense
+ * 40-100 for OpenBLAS's one thread; OpenBLAS on two threads beats it on
+ * batches of 64 rows or more onto wide outputs, which keep to BLAS. A dense
  * layer's bias, and relu or leaky relu, are applied to the accumulators as
  * they are stored (the same operations as fbp_bias_act's separate pass over Z,
  * so the same bits): 2.4% off a digits-network step.
@@ -135,7 +135,7 @@ static void fbp_pack_##S(const T *W, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T 
         for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
             P[k * pw + c] = 0;                                                           \
     }                                                                                    \
-}                                                                                        \
+}
 
 FBP_DEFINE_PACK(float, f32, 8)
 FBP_DEFINE_PACK(double, f64, 4)
@@ -339,7 +339,7 @@ static inline void NAME##_panel(const T *X, ptrdiff_t n, ptrdiff_t ldx, ptrdiff_
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Z = X @ W.T (then the bias and act) for FBP_TN_SWEEP rows of X at a time:         \
+/* Z = X @ W.T (then the bias and act) for FBP_TN_SWEEP rows of X at a time:           \
  * panels of 2 vectors (of 1 for a last panel of L columns or fewer), each packed        \
  * FBP_TN_MAX_K rows of W at a time; a column's partial sum waits in Z in between. */   \
 __attribute__((target(TARGET)))                                                          \
