@@ -295,7 +295,7 @@ def _small_gemm(enabled=None):
     previous = _SMALL_GEMM_MODES[fbp_tn_on]
     global fbp_tn_on
     if enabled is not None:
-        if not any(enabled is mode for mode in _SMALL_GEMM_MODES) and enabled != "always":
+        if not (enabled is True or enabled is False or enabled == "always"):
             raise ValueError(f"the small-product setting is False, True or 'always', got {enabled!r}")
         if enabled and not fbp_tn_init():
             fbp_tn_on = _SMALL_GEMM_MODES.index(previous)

@@ -49,108 +49,15 @@
 #define FBP_TN_ROWS 8
 #define FBP_TN_ROWS1 12
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#if defined(__unix__) || defined(__APPLE__)
-#include <dlfcn.h> /* dladdr, to find BLAS's thread count */
-#define FBP_HAVE_DLADDR 1
-#endif
-
-/* P[k * pw + jj] = W[jj * n_in + k] for jj < w, and 0 for w <= jj < pw: rows
- * of W into columns of the panel P. Blocks of 8 x 8 floats (4 x 4 doubles)
- * are transposed in registers (a scalar copy cost as much as the product on
- * a 32-row batch; AVX's 256-bit shuffles suffice); the edges are copied one
- * by one. Shuffles issue on one port only (Intel), so the transposes trade
- * them for loads with 128-bit inserts and for blends, which issue on three:
- * 12 shuffles per 8 x 8 block instead of 24 packs 128 x 64 floats in 0.75 us
- * instead of 1.0 (a 32x64 by 64x128 forward product: 5.75 -> 5.26 us). */
-/* An 8 x 8 block of floats, rows r (ld apart), to columns of p (pw apart). */
-__attribute__((target("avx512f"), always_inline))
-static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *p, ptrdiff_t pw)
-{
-    /* columns k .. k + 3 of rows i and i + 4 in the low and high 128-bit lanes of
-     * one register: the loads with inserts do what a third stage of cross-lane
-     * shuffles would */
-#define FBP_ROWPAIR(i, k)                                                          \
-    _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld + (k))), \
-                         _mm_loadu_ps(r + ((i) + 4) * ld + (k)), 1)
-    __m256 r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
-    __m256 r2 = FBP_ROWPAIR(2, 0), r3 = FBP_ROWPAIR(3, 0);
-    __m256 r4 = FBP_ROWPAIR(0, 4), r5 = FBP_ROWPAIR(1, 4);
-    __m256 r6 = FBP_ROWPAIR(2, 4), r7 = FBP_ROWPAIR(3, 4);
-#undef FBP_ROWPAIR
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    /* shuffle(a, b, 0x44) and (a, b, 0xee) through one shuffle and two blends */
-    __m256 v0 = _mm256_shuffle_ps(t0, t2, 0x4e), v1 = _mm256_shuffle_ps(t1, t3, 0x4e);
-    __m256 v2 = _mm256_shuffle_ps(t4, t6, 0x4e), v3 = _mm256_shuffle_ps(t5, t7, 0x4e);
-    _mm256_storeu_ps(p, _mm256_blend_ps(t0, v0, 0xcc));
-    _mm256_storeu_ps(p + pw, _mm256_blend_ps(t2, v0, 0x33));
-    _mm256_storeu_ps(p + 2 * pw, _mm256_blend_ps(t1, v1, 0xcc));
-    _mm256_storeu_ps(p + 3 * pw, _mm256_blend_ps(t3, v1, 0x33));
-    _mm256_storeu_ps(p + 4 * pw, _mm256_blend_ps(t4, v2, 0xcc));
-    _mm256_storeu_ps(p + 5 * pw, _mm256_blend_ps(t6, v2, 0x33));
-    _mm256_storeu_ps(p + 6 * pw, _mm256_blend_ps(t5, v3, 0xcc));
-    _mm256_storeu_ps(p + 7 * pw, _mm256_blend_ps(t7, v3, 0x33));
-}
-
-/* A 4 x 4 block of doubles, the same way. */
-__attribute__((target("avx512f"), always_inline))
-static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double *p,
-                                           ptrdiff_t pw)
-{
-    /* columns k and k + 1 of rows i and i + 2, as above */
-#define FBP_ROWPAIR(i, k)                                                          \
-    _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r + (i) * ld + (k))), \
-                         _mm_loadu_pd(r + ((i) + 2) * ld + (k)), 1)
-    __m256d r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
-    __m256d r2 = FBP_ROWPAIR(0, 2), r3 = FBP_ROWPAIR(1, 2);
-#undef FBP_ROWPAIR
-    _mm256_storeu_pd(p, _mm256_unpacklo_pd(r0, r1));
-    _mm256_storeu_pd(p + pw, _mm256_unpackhi_pd(r0, r1));
-    _mm256_storeu_pd(p + 2 * pw, _mm256_unpacklo_pd(r2, r3));
-    _mm256_storeu_pd(p + 3 * pw, _mm256_unpackhi_pd(r2, r3));
-}
-
-/* The packing itself, per dtype: blocks of B x B through the transposes above. */
-#define FBP_DEFINE_PACK(T, S, B)                                                         \
-__attribute__((target("avx512f")))                                                       \
-static void fbp_pack_##S(const T *W, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T *P,      \
-                         ptrdiff_t pw)                                                   \
-{                                                                                        \
-    ptrdiff_t jj = 0, k;                                                                 \
-    for (; jj + B <= w; jj += B) {                                                       \
-        const T *r = W + jj * ld;                                                        \
-        for (k = 0; k + B <= kc; k += B)                                                 \
-            fbp_transpose_block_##S(r + k, ld, P + k * pw + jj, pw);                     \
-        for (; k < kc; k++)                                                              \
-            for (ptrdiff_t c = 0; c < B; c++)                                            \
-                P[k * pw + jj + c] = r[c * ld + k];                                      \
-    }                                                                                    \
-    for (k = 0; jj < pw && k < kc; k++) {                                                \
-        for (ptrdiff_t c = jj; c < w; c++)                                               \
-            P[k * pw + c] = W[c * ld + k];                                               \
-        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
-            P[k * pw + c] = 0;                                                           \
-    }                                                                                    \
-}
-
-FBP_DEFINE_PACK(float, f32, 8)
-FBP_DEFINE_PACK(double, f64, 4)
-
 /* 1: the CPU has AVX-512 and the kernel is on where fbp_tn_takes says; 2: on
  * for every shape (tests); 0: BLAS does every product. Set when the module
  * loads (fbp_tn_init); tests and benchmarks switch it. */
 static int fbp_tn_on = 0;
 
-static int fbp_tn_init(void)
-{
-    __builtin_cpu_init();
-    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return fbp_tn_on;
-}
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h> /* dladdr, to find BLAS's thread count */
+#define FBP_HAVE_DLADDR 1
+#endif
 
 /* The number of threads of the BLAS that the caller would otherwise call, read
  * at every product (set_num_threads and threadpoolctl change it at any time):
@@ -236,6 +143,101 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int
     if (fbp_tn_on == 2)
         return n_in >= 1;
     return fbp_tn_takes_for(n, n_in, n_out, FBP_TN_READ_THREADS, f64);
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+
+/* P[k * pw + jj] = W[jj * n_in + k] for jj < w, and 0 for w <= jj < pw: rows
+ * of W into columns of the panel P. Blocks of 8 x 8 floats (4 x 4 doubles)
+ * are transposed in registers (a scalar copy cost as much as the product on
+ * a 32-row batch; AVX's 256-bit shuffles suffice); the edges are copied one
+ * by one. Shuffles issue on one port only (Intel), so the transposes trade
+ * them for loads with 128-bit inserts and for blends, which issue on three:
+ * 12 shuffles per 8 x 8 block instead of 24 packs 128 x 64 floats in 0.75 us
+ * instead of 1.0 (a 32x64 by 64x128 forward product: 5.75 -> 5.26 us). */
+/* An 8 x 8 block of floats, rows r (ld apart), to columns of p (pw apart). */
+__attribute__((target("avx512f"), always_inline))
+static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *p, ptrdiff_t pw)
+{
+    /* columns k .. k + 3 of rows i and i + 4 in the low and high 128-bit lanes of
+     * one register: the loads with inserts do what a third stage of cross-lane
+     * shuffles would */
+#define FBP_ROWPAIR(i, k)                                                          \
+    _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld + (k))), \
+                         _mm_loadu_ps(r + ((i) + 4) * ld + (k)), 1)
+    __m256 r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
+    __m256 r2 = FBP_ROWPAIR(2, 0), r3 = FBP_ROWPAIR(3, 0);
+    __m256 r4 = FBP_ROWPAIR(0, 4), r5 = FBP_ROWPAIR(1, 4);
+    __m256 r6 = FBP_ROWPAIR(2, 4), r7 = FBP_ROWPAIR(3, 4);
+#undef FBP_ROWPAIR
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    /* shuffle(a, b, 0x44) and (a, b, 0xee) through one shuffle and two blends */
+    __m256 v0 = _mm256_shuffle_ps(t0, t2, 0x4e), v1 = _mm256_shuffle_ps(t1, t3, 0x4e);
+    __m256 v2 = _mm256_shuffle_ps(t4, t6, 0x4e), v3 = _mm256_shuffle_ps(t5, t7, 0x4e);
+    _mm256_storeu_ps(p, _mm256_blend_ps(t0, v0, 0xcc));
+    _mm256_storeu_ps(p + pw, _mm256_blend_ps(t2, v0, 0x33));
+    _mm256_storeu_ps(p + 2 * pw, _mm256_blend_ps(t1, v1, 0xcc));
+    _mm256_storeu_ps(p + 3 * pw, _mm256_blend_ps(t3, v1, 0x33));
+    _mm256_storeu_ps(p + 4 * pw, _mm256_blend_ps(t4, v2, 0xcc));
+    _mm256_storeu_ps(p + 5 * pw, _mm256_blend_ps(t6, v2, 0x33));
+    _mm256_storeu_ps(p + 6 * pw, _mm256_blend_ps(t5, v3, 0xcc));
+    _mm256_storeu_ps(p + 7 * pw, _mm256_blend_ps(t7, v3, 0x33));
+}
+
+/* A 4 x 4 block of doubles, the same way. */
+__attribute__((target("avx512f"), always_inline))
+static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double *p,
+                                           ptrdiff_t pw)
+{
+    /* columns k and k + 1 of rows i and i + 2, as above */
+#define FBP_ROWPAIR(i, k)                                                          \
+    _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r + (i) * ld + (k))), \
+                         _mm_loadu_pd(r + ((i) + 2) * ld + (k)), 1)
+    __m256d r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
+    __m256d r2 = FBP_ROWPAIR(0, 2), r3 = FBP_ROWPAIR(1, 2);
+#undef FBP_ROWPAIR
+    _mm256_storeu_pd(p, _mm256_unpacklo_pd(r0, r1));
+    _mm256_storeu_pd(p + pw, _mm256_unpackhi_pd(r0, r1));
+    _mm256_storeu_pd(p + 2 * pw, _mm256_unpacklo_pd(r2, r3));
+    _mm256_storeu_pd(p + 3 * pw, _mm256_unpackhi_pd(r2, r3));
+}
+
+/* The packing itself, per dtype: blocks of B x B through the transposes above. */
+#define FBP_DEFINE_PACK(T, S, B)                                                         \
+__attribute__((target("avx512f")))                                                       \
+static void fbp_pack_##S(const T *W, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T *P,      \
+                         ptrdiff_t pw)                                                   \
+{                                                                                        \
+    ptrdiff_t jj = 0, k;                                                                 \
+    for (; jj + B <= w; jj += B) {                                                       \
+        const T *r = W + jj * ld;                                                        \
+        for (k = 0; k + B <= kc; k += B)                                                 \
+            fbp_transpose_block_##S(r + k, ld, P + k * pw + jj, pw);                     \
+        for (; k < kc; k++)                                                              \
+            for (ptrdiff_t c = 0; c < B; c++)                                            \
+                P[k * pw + jj + c] = r[c * ld + k];                                      \
+    }                                                                                    \
+    for (k = 0; jj < pw && k < kc; k++) {                                                \
+        for (ptrdiff_t c = jj; c < w; c++)                                               \
+            P[k * pw + c] = W[c * ld + k];                                               \
+        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
+            P[k * pw + c] = 0;                                                           \
+    }                                                                                    \
+}
+
+FBP_DEFINE_PACK(float, f32, 8)
+FBP_DEFINE_PACK(double, f64, 4)
+
+/* fbp_tn_on = 1 if the CPU has AVX-512 (the kernel's instructions), else 0. */
+static int fbp_tn_init(void)
+{
+    __builtin_cpu_init();
+    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return fbp_tn_on;
 }
 
 /* One kernel per dtype, called through ENTRY. V: the vector type, L: its lanes; a panel is
@@ -401,13 +403,7 @@ FBP_DEFINE_TN(fbp_tn_f64, fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_l
               FBP_LOADW512_PD, _mm512_add_pd, _mm512_max_pd, _mm512_mul_pd, FBP_SELGT512_PD)
 #else /* not x86-64 with GCC or clang: BLAS does every product */
 
-static int fbp_tn_on = 0;
-static int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int f64) { return 0; }
-static int fbp_tn_takes_for(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int threads, int f64)
-{ return 0; }
 static int fbp_tn_init(void) { return 0; }
-static int fbp_tn_find_blas_threads(const void *fn) { return 0; }
-static int (*fbp_blas_threads)(void) = NULL;
 static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out, const float *b, int act, float slope)
 { return 0; }
