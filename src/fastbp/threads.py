@@ -4,7 +4,10 @@ fastbp's kernels start no threads of their own: the only parallelism is inside
 BLAS (scipy's, through ``scipy.linalg.cython_blas``), so there is never more
 than one level of it, and limits set from outside hold as they are:
 ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` at start-up, or
-``threadpoolctl.threadpool_limits`` around a block of code.
+``threadpoolctl.threadpool_limits`` around a block of code. fastbp's own
+forward-product kernel runs on the calling thread; it reads BLAS's thread count
+at every product and, when BLAS has one thread, takes most forward products
+from it (it is faster than one-thread OpenBLAS there).
 
 `set_num_threads` sets the thread count of every BLAS library loaded in the
 process (NumPy's too, as ``torch.set_num_threads`` sets PyTorch's for all its
