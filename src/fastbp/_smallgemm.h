@@ -67,7 +67,9 @@ static int (*fbp_blas_threads)(void) = NULL;
 
 /* fn: a function of the library that calls BLAS (SciPy's cython_blas); the
  * getter is looked up in it and the libraries it loaded: OpenBLAS (SciPy's
- * prefixed builds first), MKL, BLIS. 1 if found. */
+ * prefixed builds first), MKL, BLIS. 1 if found. (BLIS's getter returns a
+ * 64-bit count, read through an int: the same value on x86-64, where the low
+ * half of the return register holds it.) */
 static int fbp_tn_find_blas_threads(const void *fn)
 {
 #ifdef FBP_HAVE_DLADDR
@@ -106,11 +108,11 @@ static int fbp_tn_find_blas_threads(const void *fn)
  *   float64's panels are half as wide, and dgemm's two threads win there,
  *   0.78-0.92x). On 64 rows or more and wider outputs, BLAS's two threads
  *   win (0.5-0.9x).
- * - Deeper inputs, BLAS on one thread: on 32 rows or more, n_in <= 256, or at
- *   most 64 outputs, or a sweep of few outputs (n * n_out <= 32768): 1.1-2.3x;
- *   but at most 2^20 outputs (4096 x 64 x 1024: 0.67x), and BLAS's blocking
- *   of X wins on deep inputs onto many outputs (512 x 2048 x 256: 0.92x).
- *   On 8-31 rows, 128 outputs or more: 1.5-3.5x.
+ * - Deeper inputs, BLAS on one thread: on 32 rows or more, wherever n_in <= 256,
+ *   or there are at most 64 outputs, or few outputs in all (n * n_out <= 32768):
+ *   1.1-2.3x; but at most 2^20 outputs in all (4096 x 64 x 1024: 0.67x), and
+ *   BLAS's blocking of X wins on deep inputs onto many outputs (512 x 2048 x
+ *   256: 0.92x). On 8-31 rows, onto 128 outputs or more: 1.5-3.5x.
  * - Fewer than 8 rows (beyond the first rule): BLAS, whose matrix-vector path
  *   reads W once, where the kernel packs it first (0.3-0.9x).
  * threads: BLAS's thread count (0: unknown, taken as several), or
