@@ -292,16 +292,16 @@ def _small_gemm(enabled=None):
     it beats BLAS. With an argument, switches it and returns the previous setting:
     False (BLAS does every product), True, or "always" (the kernel does every
     product, for tests). Tests and benchmarks compare them."""
-    previous = _SMALL_GEMM_MODES[fbp_tn_on]
     global fbp_tn_on
+    cdef int before = fbp_tn_on
     if enabled is not None:
         if not (enabled is True or enabled is False or enabled == "always"):
             raise ValueError(f"the small-product setting is False, True or 'always', got {enabled!r}")
         if enabled and not fbp_tn_init():
-            fbp_tn_on = _SMALL_GEMM_MODES.index(previous)
+            fbp_tn_on = before
             raise ValueError("the small-product kernel needs AVX-512, which this CPU lacks")
         fbp_tn_on = 2 if enabled == "always" else int(enabled)
-    return previous
+    return _SMALL_GEMM_MODES[before]
 
 
 def _blas_threads():

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from ._backend import get_backend
-from ._checks import ACTIVATIONS, LOSSES, MAX_LAYERS, OUTPUT_ACTIVATIONS, check_choice
+from ._checks import ACTIVATIONS, LOSSES, MAX_LAYERS, OUTPUT_ACTIVATIONS, check_choice, label_error
 from ._layout import aligned_empty, aligned_on_load, mlp_views, restored
 from . import train as _train
 from .init import check_init, initial_parameters
@@ -324,7 +324,7 @@ class MLP:
                 return np.ascontiguousarray(y, dtype=np.int64)
             bad = np.flatnonzero((y < 0) | (y >= self.n_outputs))
             if bad.size:
-                raise ValueError(f"y[{bad[0]}] = {y[bad[0]]} is not a class label in [0, {self.n_outputs})")
+                raise label_error(bad[0], y[bad[0]], self.n_outputs)
             return np.ascontiguousarray(y, dtype=np.int64)
         Y = _as_numeric(y, name)
         if Y.ndim == 1 and self.n_outputs == 1:

@@ -23,7 +23,6 @@ except ImportError:  # not CPython
     _set_handler = signal.signal
 
 
-
 class History:
     """What `fit` recorded, one entry per epoch.
 
