@@ -30,7 +30,7 @@ extensions = [
         # NumPy's C API: the per-step path reads arrays without memoryview objects;
         # _vecmath.h: the loops compiled once per instruction-set level
         include_dirs=["src/fastbp", numpy.get_include()],
-        depends=["src/fastbp/_vecmath.h", "src/fastbp/_smallgemm.h"],
+        depends=["src/fastbp/_vecmath.h", "src/fastbp/_smallgemm.h", "src/fastbp/_pool.h"],
         # No -ffast-math: it would let the compiler drop NaN/inf checks and
         # reassociate sums, and fastbp promises exact, checkable numerics.
         # -fno-trapping-math changes no result (we never enable FP traps); it
@@ -41,7 +41,11 @@ extensions = [
         # -ffp-contract=off: the AVX2 and AVX-512 clones of _vecmath.h's loops
         # must not fuse a*b + c into an FMA, so that every clone rounds as the
         # baseline does and results are the same bits on every x86-64 CPU.
-        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"],
+        # -pthread: _pool.h's worker threads (glibc before 2.34 keeps pthreads
+        # in a library of its own).
+        extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off",
+                            "-pthread"],
+        extra_link_args=["-pthread"],
     )
 ]
 

@@ -47,3 +47,186 @@ def test_training_gives_the_same_network_on_one_and_two_threads(thread_control):
         params.append(net.params)
     # BLAS may split its sums differently across threads: equal up to rounding
     np.testing.assert_allclose(params[0], params[1], rtol=0, atol=1e-12)
+
+
+# -- fastbp's own threads (_pool.h): steps, epochs and gradients of networks the
+# forward kernel suits run on them, BLAS set to one thread for the call
+
+from fastbp import _kernels  # noqa: E402
+
+KERNEL = _kernels._small_gemm() is True  # the rule needs the AVX-512 kernel
+OWN = _kernels._own_threads()
+
+
+@pytest.fixture
+def own_threads():
+    """Restores the own-threads setting and BLAS's thread count."""
+    threads = fastbp.get_num_threads()
+    yield
+    _kernels._own_threads(OWN)
+    fastbp.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, sizes, threads, f64, expected", [
+    (128, [784, 256, 128, 10], 2, False, True),   # mnist: the deep layers on the kernel
+    (32, [784, 128, 10], 2, False, True),
+    (64, [300, 64, 10], 4, False, True),
+    (128, [784, 256, 128, 10], 1, False, False),  # BLAS on one thread: nothing to split
+    (128, [784, 256, 128, 10], 2, True, False),   # float64
+    (256, [784, 256, 128, 10], 2, False, False),  # larger batches: BLAS's threads win
+    (16, [784, 256, 128, 10], 2, False, False),
+    (32, [64, 32, 10], 2, False, False),           # shallow layers only: products of microseconds
+    (128, [784, 512, 512, 10], 2, False, False),  # a layer the kernel does not take
+])
+def test_own_threads_rule(n, sizes, threads, f64, expected):
+    assert _kernels._own_threads_takes(n, sizes, threads, f64) is (expected and KERNEL)
+
+
+def test_own_threads_setting(own_threads):
+    assert _kernels._own_threads(False) is OWN and _kernels._own_threads() is False
+    for bad in (1, 0, "yes", None.__class__):
+        with pytest.raises(ValueError, match="own-threads setting"):
+            _kernels._own_threads(bad)
+        assert _kernels._own_threads() is False
+    assert _kernels._own_threads("always") is False and _kernels._own_threads() == "always"
+    assert _kernels._own_threads(True) == "always" and _kernels._own_threads() is True
+
+
+def _train(mode, threads, optimizer, how, dtype=np.float32, sizes=(300, 128, 10), batch=64):
+    """A network trained with own threads `mode` and BLAS on `threads` threads; the
+    own-threads calls made, and BLAS's thread count after each call. (39,818
+    parameters: the optimizers' passes are split across the pool too.)"""
+    _kernels._own_threads(mode)
+    fastbp.set_num_threads(threads)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(4 * batch, sizes[0])).astype(dtype)
+    y = rng.integers(0, sizes[-1], size=4 * batch)
+    net = fastbp.MLP(list(sizes), dtype=dtype, seed=0)
+    opt = {"sgd": lambda: fastbp.SGD(net.params, lr=0.05),
+           "momentum": lambda: fastbp.SGD(net.params, lr=0.05, momentum=0.9),
+           "adam": lambda: fastbp.Adam(net.params, lr=1e-3)}[optimizer]()
+    calls, after = _kernels._own_threads_calls(), []
+    losses = []
+    for _ in range(2):
+        if how == "step":
+            losses += [net.step(X[i:i + batch], y[i:i + batch], opt) for i in range(0, len(X), batch)]
+        elif how == "fit":
+            history = net.fit(X, y, epochs=1, batch_size=batch, optimizer=opt, shuffle=True,
+                              progress=False, diagnostics=False)
+            losses.append(history.records[-1]["loss"])
+        else:
+            loss, dW, db = net.gradients(X[:batch], y[:batch])
+            losses.append(loss)
+            for W, b, gW, gb in zip(net.weights, net.biases, dW, db):
+                W -= 0.05 * gW
+                b -= 0.05 * gb
+        after.append(fastbp.get_num_threads())
+    return net, losses, _kernels._own_threads_calls() - calls, after
+
+
+@pytest.mark.parametrize("how, optimizer", [
+    ("step", "sgd"), ("step", "momentum"), ("step", "adam"),
+    ("fit", "sgd"), ("fit", "momentum"), ("fit", "adam"), ("gradients", "sgd")])
+def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
+    # the same network (up to BLAS's rounding) with and without the pool, on 2 and
+    # on 3 threads (more than this machine may have: still right); BLAS's thread
+    # count is back after every call
+    reference, ref_losses, calls, _ = _train(False, 2, optimizer, how)
+    assert calls == 0
+    for mode, threads in ((True, 2), ("always", 2), ("always", 3)):
+        net, losses, calls, after = _train(mode, threads, optimizer, how)
+        assert after == [threads, threads]
+        assert calls == (2 if how != "step" else 8) * (KERNEL or mode == "always")
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        np.testing.assert_allclose(net.params, reference.params, rtol=1e-4, atol=1e-6)
+
+
+def test_own_threads_forward_is_bitwise_the_kernels(own_threads):
+    # the forward kernel split by rows across the pool: every element the same FMA
+    # chain, so the loss (forward only) has the bits of the one-thread kernel
+    if not KERNEL:
+        pytest.skip("the forward kernel needs AVX-512")
+    before = _kernels._small_gemm("always")
+    try:
+        losses = []
+        for mode in (False, "always"):
+            _kernels._own_threads(mode)
+            fastbp.set_num_threads(2)
+            rng = np.random.default_rng(2)
+            X = rng.normal(size=(61, 300)).astype(np.float32)  # 61 rows: uneven parts
+            y = rng.integers(0, 10, size=61)
+            net = fastbp.MLP([300, 72, 10], dtype=np.float32, seed=0)
+            losses.append(net.gradients(X, y)[0])
+        assert losses[0] == losses[1]
+    finally:
+        _kernels._small_gemm(before)
+
+
+@pytest.mark.parametrize("how", ["step", "fit"])
+def test_own_threads_refused_step_restores_blas(own_threads, how):
+    # a step whose loss overflows is refused: nothing changes, BLAS's threads are back
+    _kernels._own_threads("always")
+    fastbp.set_num_threads(2)
+    net = fastbp.MLP([300, 64, 10], loss="mse", dtype=np.float32, seed=0)
+    X = np.ones((64, 300), np.float32)
+    Y = np.full((64, 10), 1e30, np.float32)  # (A - Y)**2 overflows float32
+    opt = fastbp.SGD(net.params, lr=0.1)
+    before, calls = net.params.copy(), _kernels._own_threads_calls()
+    with pytest.raises(FloatingPointError, match="not"):
+        if how == "step":
+            net.step(X, Y, opt)
+        else:
+            net.fit(X, Y, epochs=1, batch_size=64, optimizer=opt, progress=False,
+                    diagnostics=False)
+    assert _kernels._own_threads_calls() > calls and fastbp.get_num_threads() == 2
+    np.testing.assert_array_equal(net.params, before)
+
+
+def _child_step(queue):
+    net, losses, calls, after = _train("always", 2, "sgd", "step")
+    queue.put((net.params, calls, after))
+
+
+def test_own_threads_after_fork(own_threads):
+    # a child forked after the parent's workers ran starts its own (libgomp hangs here)
+    import multiprocessing
+    parent, _, calls, _ = _train("always", 2, "sgd", "step")
+    assert calls == 8
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_step, args=(queue,))
+    child.start()
+    params, child_calls, after = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert child_calls == 8 and after == [2, 2]
+    np.testing.assert_array_equal(params, parent.params)
+
+
+def test_own_threads_concurrent_callers(own_threads):
+    # steps on two Python threads at once: one holds the pool, the other runs alone;
+    # both networks come out as when trained one after the other
+    import threading
+    _kernels._own_threads("always")
+    fastbp.set_num_threads(2)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(64, 300)).astype(np.float32)
+    y = rng.integers(0, 10, size=64)
+
+    def run(out, key):
+        net = fastbp.MLP([300, 64, 10], dtype=np.float32, seed=0)
+        opt = fastbp.SGD(net.params, lr=0.05)
+        for _ in range(30):
+            net.step(X, y, opt)
+        out[key] = net.params
+
+    serial, together = {}, {}
+    run(serial, 0)
+    threads = [threading.Thread(target=run, args=(together, k)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fastbp.get_num_threads() == 2
+    for k in range(2):
+        np.testing.assert_allclose(together[k], serial[0], rtol=1e-4, atol=1e-6)

@@ -129,6 +129,17 @@ cdef extern from "_smallgemm.h" nogil:
                    Py_ssize_t n_out, const float* b, int act, float slope)
     int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
                    Py_ssize_t n_in, Py_ssize_t n_out, const double* b, int act, double slope)
+    # fastbp's own threads for whole-network calls (_pool.h; the rule in _smallgemm.h)
+    ctypedef void (*fbp_part_fn)(void* arg, int part, int parts) noexcept nogil
+    int fbp_own_threads
+    long fbp_own_threads_calls
+    int fbp_pool_held
+    void (*fbp_blas_set_threads)(int)
+    int fbp_pool_takes(Py_ssize_t n, Py_ssize_t n_layers, const Py_ssize_t* sizes, int f64,
+                       int threads)
+    int fbp_threads_enter(Py_ssize_t n, Py_ssize_t n_layers, const Py_ssize_t* sizes, int f64)
+    void fbp_threads_exit(int threads)
+    void fbp_pool_run(fbp_part_fn fn, void* arg, int parts)
 
 cnp.import_array()
 fbp_tn_init()
@@ -225,10 +236,83 @@ cdef int _check_blas_size(str name, Py_ssize_t size) except -1:
 # ---------------------------------------------------------------------------
 # BLAS
 
+ctypedef struct _GemmJob:
+    # One GEMM for `_gemm_part`, in `_gemm`'s row-major terms; by_rows: its parts
+    # are blocks of C's rows, else of its columns. alpha, beta: as doubles, exact
+    # for either type.
+    char transa, transb
+    int M, N, K, lda, ldb, ldc
+    bint by_rows, f64
+    double alpha, beta
+    const void* A
+    const void* B
+    void* C
+
+
+cdef inline void _slice(Py_ssize_t size, int part, int parts, Py_ssize_t* lo,
+                        Py_ssize_t* hi) noexcept nogil:
+    """Part `part` of `parts` of range(size), for a part of a product or a pass split
+    across fastbp's threads: cut at multiples of 16 elements (whole cache lines of
+    floats, so that no two threads write one line)."""
+    lo[0] = min((size * part // parts + 15) // 16 * 16, size)
+    hi[0] = size if part + 1 == parts else min((size * (part + 1) // parts + 15) // 16 * 16, size)
+
+
+cdef void _gemm_part(void* arg, int part, int parts) noexcept nogil:
+    """Part `part` of the GEMM in arg (a _GemmJob): one BLAS call on its block of C."""
+    cdef const _GemmJob* j = <const _GemmJob*>arg
+    cdef Py_ssize_t start, end
+    _slice(j.M if j.by_rows else j.N, part, parts, &start, &end)
+    cdef int lo = <int>start, hi = <int>end
+    if lo >= hi:
+        return
+    if j.by_rows:  # rows lo..hi of C and of op(A)
+        if j.f64:
+            _gemm_blas(j.transa, j.transb, hi - lo, j.N, j.K, <double>j.alpha,
+                       <const double*>j.A + (lo * j.lda if j.transa == c'N' else lo), j.lda,
+                       <const double*>j.B, j.ldb, <double>j.beta, <double*>j.C + lo * j.ldc, j.ldc)
+        else:
+            _gemm_blas(j.transa, j.transb, hi - lo, j.N, j.K, <float>j.alpha,
+                       <const float*>j.A + (lo * j.lda if j.transa == c'N' else lo), j.lda,
+                       <const float*>j.B, j.ldb, <float>j.beta, <float*>j.C + lo * j.ldc, j.ldc)
+    else:  # columns lo..hi of C and of op(B)
+        if j.f64:
+            _gemm_blas(j.transa, j.transb, j.M, hi - lo, j.K, <double>j.alpha,
+                       <const double*>j.A, j.lda,
+                       <const double*>j.B + (lo if j.transb == c'N' else lo * j.ldb), j.ldb,
+                       <double>j.beta, <double*>j.C + lo, j.ldc)
+        else:
+            _gemm_blas(j.transa, j.transb, j.M, hi - lo, j.K, <float>j.alpha,
+                       <const float*>j.A, j.lda,
+                       <const float*>j.B + (lo if j.transb == c'N' else lo * j.ldb), j.ldb,
+                       <float>j.beta, <float*>j.C + lo, j.ldc)
+
+
 cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
                 const floating* A, int lda, const floating* B, int ldb, floating beta,
                 floating* C, int ldc) noexcept nogil:
-    """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T'.
+    """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T':
+    one BLAS call, or (inside a call on fastbp's own threads, _pool.h) one per part
+    of C across the pool. A GEMM is split where it is large enough (2^18
+    multiply-adds; BLAS too runs smaller ones on one thread), along C's longer side
+    (each part then packs the smaller operand whole: measured the faster split)."""
+    cdef _GemmJob j
+    cdef int parts = fbp_pool_held, longer = M if M >= N else N
+    if parts >= 2 and K > 0 and <double>M * N * K >= 262144.0 and longer >= 32:
+        if parts > longer // 16:
+            parts = longer // 16
+        j.transa, j.transb, j.M, j.N, j.K = transa, transb, M, N, K
+        j.lda, j.ldb, j.ldc, j.by_rows, j.f64 = lda, ldb, ldc, M >= N, floating is double
+        j.alpha, j.beta, j.A, j.B, j.C = alpha, beta, A, B, C
+        fbp_pool_run(_gemm_part, &j, parts)
+        return
+    _gemm_blas(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+
+
+cdef void _gemm_blas(char transa, char transb, int M, int N, int K, floating alpha,
+                     const floating* A, int lda, const floating* B, int ldb, floating beta,
+                     floating* C, int ldc) noexcept nogil:
+    """`_gemm` in one BLAS call.
 
     BLAS is column-major and a row-major matrix is its transpose there, so we
     ask BLAS for ``C.T = op(B).T @ op(A).T``: operands swapped, flags unchanged.
@@ -308,6 +392,41 @@ def _blas_threads():
     """The thread count of the BLAS that the kernels call, as _smallgemm.h reads it
     to choose between its kernel and BLAS; None where it found no way to read it."""
     return fbp_blas_threads() if fbp_blas_threads != NULL else None
+
+
+_OWN_THREADS_MODES = (False, True, "always")
+
+
+def _own_threads(enabled=None):
+    """Whether whole-network calls (steps, epochs, gradients) run on fastbp's own
+    threads, BLAS set to one thread meanwhile, where that is faster (_pool.h,
+    _smallgemm.h's `fbp_pool_takes`). With an argument, switches it and returns
+    the previous setting: False, True, or "always" (wherever BLAS has several
+    threads, for tests). Tests and benchmarks compare them."""
+    global fbp_own_threads
+    cdef int before = fbp_own_threads
+    if enabled is not None:
+        if not (enabled is True or enabled is False or enabled == "always"):
+            raise ValueError(f"the own-threads setting is False, True or 'always', got {enabled!r}")
+        fbp_own_threads = 2 if enabled == "always" else int(enabled)
+    return _OWN_THREADS_MODES[before]
+
+
+def _own_threads_calls():
+    """How many whole-network calls have run on fastbp's own threads (tests)."""
+    return fbp_own_threads_calls
+
+
+def _own_threads_takes(Py_ssize_t n, sizes, int blas_threads, bint f64=False):
+    """Whether a call on batches of n rows through layers `sizes` runs on fastbp's
+    own threads when BLAS has `blas_threads` threads (and the setting is True)."""
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef Py_ssize_t l, n_layers = len(sizes) - 1
+    if n_layers < 1 or n_layers > MAX_LAYERS:
+        raise ValueError(f"sizes must describe 1 to {MAX_LAYERS} layers")
+    for l in range(n_layers + 1):
+        c_sizes[l] = sizes[l]
+    return bool(fbp_pool_takes(n, n_layers, c_sizes, f64, blas_threads))
 
 
 def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, blas_threads=None,
@@ -758,11 +877,52 @@ def binary_cross_entropy_with_logits(Z, Y, dZ=None):
 # ---------------------------------------------------------------------------
 # sgd_update
 
+# Elementwise passes inside a call on fastbp's own threads (_pool.h) run split
+# across the pool too: alone, the momentum pass of a 784-256-128-10 step took 140
+# us on one thread, and 341-374 once the GEMM before it had left half of the
+# gradient in the other core's cache. Elementwise: the same bits either way.
+cdef enum:
+    _SPLIT_MIN = 32768  # elements: below, one thread's pass takes a few microseconds
+
+
+ctypedef struct _SgdJob:
+    void* param
+    const void* grad
+    void* buf
+    Py_ssize_t size
+    double lr, momentum, dampening_complement, weight_decay
+    bint nesterov, maximize, first_step, f64
+
+
+cdef void _sgd_part(void* arg, int part, int parts) noexcept nogil:
+    cdef const _SgdJob* j = <const _SgdJob*>arg
+    cdef Py_ssize_t lo, hi
+    _slice(j.size, part, parts, &lo, &hi)
+    if lo >= hi:
+        return
+    if j.f64:
+        fbp_sgd_f64(<double*>j.param + lo, <const double*>j.grad + lo,
+                    <double*>j.buf + lo if j.buf != NULL else NULL, hi - lo, j.lr, j.momentum,
+                    j.dampening_complement, j.nesterov, j.weight_decay, j.maximize, j.first_step)
+    else:
+        fbp_sgd_f32(<float*>j.param + lo, <const float*>j.grad + lo,
+                    <float*>j.buf + lo if j.buf != NULL else NULL, hi - lo, <float>j.lr,
+                    <float>j.momentum, <float>j.dampening_complement, j.nesterov,
+                    <float>j.weight_decay, j.maximize, j.first_step)
+
+
 cdef inline void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
                            floating lr, floating momentum, floating dampening_complement,
                            bint nesterov, floating weight_decay, bint maximize,
                            bint first_step) noexcept nogil:
-    if floating is float:
+    cdef _SgdJob j
+    if fbp_pool_held >= 2 and size >= _SPLIT_MIN:
+        j.param, j.grad, j.buf, j.size, j.f64 = param, grad, buf, size, floating is double
+        j.lr, j.momentum, j.dampening_complement = lr, momentum, dampening_complement
+        j.weight_decay, j.nesterov, j.maximize, j.first_step = (weight_decay, nesterov,
+                                                                maximize, first_step)
+        fbp_pool_run(_sgd_part, &j, fbp_pool_held)
+    elif floating is float:
         fbp_sgd_f32(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
                     weight_decay, maximize, first_step)
     else:
@@ -818,13 +978,51 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
 # ---------------------------------------------------------------------------
 # adam_update
 
+ctypedef struct _AdamJob:
+    void* param
+    const void* grad
+    void* m
+    void* v
+    void* vmax
+    Py_ssize_t size
+    double neg_step_size, beta1_weight, beta2, beta2_complement, bc2_sqrt, eps, l2, param_scale
+    bint scale_param, maximize, f64
+
+
+cdef void _adam_part(void* arg, int part, int parts) noexcept nogil:
+    cdef const _AdamJob* j = <const _AdamJob*>arg
+    cdef Py_ssize_t lo, hi
+    _slice(j.size, part, parts, &lo, &hi)
+    if lo >= hi:
+        return
+    if j.f64:
+        fbp_adam_f64(<double*>j.param + lo, <const double*>j.grad + lo, <double*>j.m + lo,
+                     <double*>j.v + lo, <double*>j.vmax + lo if j.vmax != NULL else NULL,
+                     hi - lo, j.neg_step_size, j.beta1_weight, j.beta2, j.beta2_complement,
+                     j.bc2_sqrt, j.eps, j.l2, j.scale_param, j.param_scale, j.maximize)
+    else:
+        fbp_adam_f32(<float*>j.param + lo, <const float*>j.grad + lo, <float*>j.m + lo,
+                     <float*>j.v + lo, <float*>j.vmax + lo if j.vmax != NULL else NULL,
+                     hi - lo, <float>j.neg_step_size, <float>j.beta1_weight, <float>j.beta2,
+                     <float>j.beta2_complement, <float>j.bc2_sqrt, <float>j.eps, <float>j.l2,
+                     j.scale_param, <float>j.param_scale, j.maximize)
+
+
 cdef inline void _adam_loop(floating* param, const floating* grad, floating* m, floating* v,
                             floating* vmax, Py_ssize_t size, floating neg_step_size,
                             floating beta1_weight, floating beta2, floating beta2_complement,
                             floating bc2_sqrt, floating eps, floating l2, bint scale_param,
                             floating param_scale, bint maximize) noexcept nogil:
     """The torch.optim.Adam update (_vecmath.h); vmax is NULL without amsgrad."""
-    if floating is float:
+    cdef _AdamJob j
+    if fbp_pool_held >= 2 and size >= _SPLIT_MIN:
+        j.param, j.grad, j.m, j.v, j.vmax, j.size = param, grad, m, v, vmax, size
+        j.neg_step_size, j.beta1_weight, j.beta2 = neg_step_size, beta1_weight, beta2
+        j.beta2_complement, j.bc2_sqrt, j.eps, j.l2 = beta2_complement, bc2_sqrt, eps, l2
+        j.param_scale, j.scale_param, j.maximize = param_scale, scale_param, maximize
+        j.f64 = floating is double
+        fbp_pool_run(_adam_part, &j, fbp_pool_held)
+    elif floating is float:
         fbp_adam_f32(param, grad, m, v, vmax, size, neg_step_size, beta1_weight, beta2,
                      beta2_complement, bc2_sqrt, eps, l2, scale_param, param_scale, maximize)
     else:
@@ -1555,12 +1753,13 @@ cdef object _run_step(const _NetArgs* g, int t, const _Optim* o, Py_ssize_t n_la
     describes (type number t): (loss, status), or None when a label is out of range
     (the general path names it)."""
     cdef double value = 0
-    cdef int status = 0
+    cdef int status = 0, threads
     cdef bint bad_label = False
     with nogil:
         if g.has_labels:
             bad_label = _first_bad_label(<const int64_t*>g.labels, g.n, c_sizes[n_layers]) >= 0
         if not bad_label:
+            threads = fbp_threads_enter(g.n, n_layers, c_sizes, t == cnp.NPY_FLOAT64)
             if t == cnp.NPY_FLOAT32:
                 status = _optim_step(<const float*>g.X, <const int64_t*>g.labels,
                                      <const float*>g.targets, <float*>g.params, <float*>g.A,
@@ -1571,6 +1770,7 @@ cdef object _run_step(const _NetArgs* g, int t, const _Optim* o, Py_ssize_t n_la
                                      <const double*>g.targets, <double*>g.params, <double*>g.A,
                                      <double*>g.D, <double*>g.grad, g.n, n_layers, c_sizes, acts,
                                      loss_code, o, 0, &value)
+            fbp_threads_exit(threads)
     if bad_label:
         return None
     return value, status
@@ -1902,17 +2102,20 @@ cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
     """`_epoch_loop` on checked arguments, for both optimizers: (loss_sum, steps,
     status), or what a signal handler raised, carried out as _Signalled."""
     cdef double loss_sum = 0
-    cdef Py_ssize_t steps = 0
-    cdef int status
+    cdef Py_ssize_t steps = 0, m = order.shape[0]
+    cdef int status, threads
     cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
     cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
     cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
     cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
     with nogil:
+        threads = fbp_threads_enter(batch_size if batch_size < m else m, n_layers, c_sizes,
+                                    floating is double)
         status = _epoch_loop(
-            &X[0, 0], plabels, ptargets, &order[0], order.shape[0], batch_size, &params[0], &A[0],
+            &X[0, 0], plabels, ptargets, &order[0], m, batch_size, &params[0], &A[0],
             &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, o, &stop[0],
             n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
+        fbp_threads_exit(threads)
     if status == 3:
         try:
             _reraise()
