@@ -109,7 +109,8 @@ def _train(mode, threads, optimizer, how, dtype=np.float32, sizes=(300, 128, 10)
     losses = []
     for _ in range(2):
         if how == "step":
-            losses += [net.step(X[i:i + batch], y[i:i + batch], opt) for i in range(0, len(X), batch)]
+            losses += [net.step(X[i:i + batch], y[i:i + batch], opt)
+                       for i in range(0, len(X), batch)]
         elif how == "fit":
             history = net.fit(X, y, epochs=1, batch_size=batch, optimizer=opt, shuffle=True,
                               progress=False, diagnostics=False)

@@ -5,15 +5,15 @@
  * runs on one thread, and OpenBLAS's idle workers spin for a while after every
  * multithreaded call, taking the core another pool of threads would need (a
  * step with both measured bimodal, 759 or 1,125 us). So for the calls where it
- * pays, fastbp sets its BLAS to one thread for the call (fbp_pool_begin, in
- * _smallgemm.h's rule) and splits every product across this pool instead, as
- * scikit-learn limits BLAS around its own OpenMP loops. One level of
+ * pays (fbp_pool_takes and fbp_threads_enter in _smallgemm.h), fastbp sets its
+ * BLAS to one thread for the call and splits every product across this pool
+ * instead, as scikit-learn limits BLAS around its own OpenMP loops. One level of
  * parallelism at a time, and no more threads than BLAS was allowed.
  *
  * The pool: up to FBP_POOL_MAX - 1 workers, started on first use, each spinning
- * for up to a millisecond after its last job and then sleeping on a futex. A job is fn(arg, part,
- * parts) for every part; the caller runs parts too, and any part no worker has
- * claimed, so a late worker only costs time. Parts are claimed through one
+ * for up to a millisecond after its last job and then sleeping on a futex. A job
+ * is fn(arg, part, parts) for every part; the caller runs parts too, and any part
+ * no worker has claimed, so a late worker only costs time. Parts are claimed through one
  * 64-bit ticket (the job's number, its part count and the next part), so that a
  * worker waking late can never run a part of a job that has ended.
  *
@@ -21,7 +21,9 @@
  * which runs on its own thread); fbp_pool_held is thread-local, so calls on other
  * Python threads never see it. After fork() the child has none of the workers:
  * pthread_atfork resets the pool, which restarts them on its next use (OpenMP's
- * libgomp hangs there instead, which ruled it out).
+ * libgomp hangs there instead, which ruled it out). A child forked while another
+ * thread of the parent was inside such a call keeps BLAS's count of one thread
+ * (setting it from the fork handler could start OpenBLAS's threads there).
  *
  * Linux only (futex); elsewhere fbp_pool_begin returns 0 and callers run alone.
  */
@@ -108,7 +110,8 @@ static void *fbp_pool_worker(void *unused)
             if (++spins % 64 == 0 && fbp_now_ns() - since > FBP_POOL_SPIN_NS) {
                 __atomic_add_fetch(&fbp_pool.sleepers, 1, __ATOMIC_SEQ_CST);
                 if (__atomic_load_n(&fbp_pool.seq, __ATOMIC_SEQ_CST) == seen)
-                    syscall(SYS_futex, &fbp_pool.seq, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                    syscall(SYS_futex, &fbp_pool.seq, FUTEX_WAIT_PRIVATE, seen, NULL, NULL,
+                            0);
                 __atomic_sub_fetch(&fbp_pool.sleepers, 1, __ATOMIC_SEQ_CST);
                 since = fbp_now_ns();
             }
@@ -145,7 +148,6 @@ static int fbp_pool_start(int threads)
         int failed;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_attr_setstacksize(&attr, 1 << 20); /* the kernels' packed panels: 32 KiB */
         failed = pthread_create(&th, &attr, fbp_pool_worker, NULL);
         pthread_attr_destroy(&attr);
         if (failed)
@@ -200,7 +202,8 @@ static void fbp_pool_run(fbp_part_fn fn, void *arg, int parts)
     fbp_pool_work(seq);
     /* a worker still on its part: spin, yielding now and then (more threads than
      * cores can leave it waiting for this one's) */
-    for (unsigned spins = 1; __atomic_load_n(&fbp_pool.done, __ATOMIC_ACQUIRE) < parts; spins++) {
+    for (unsigned spins = 1; __atomic_load_n(&fbp_pool.done, __ATOMIC_ACQUIRE) < parts;
+         spins++) {
         fbp_cpu_relax();
         if (spins % 4096 == 0)
             sched_yield();
