@@ -231,3 +231,25 @@ def test_own_threads_concurrent_callers(own_threads):
     assert fastbp.get_num_threads() == 2
     for k in range(2):
         np.testing.assert_allclose(together[k], serial[0], rtol=1e-4, atol=1e-6)
+
+
+def test_own_threads_forward_passes(own_threads):
+    # predict / evaluate of a network that trains on fastbp's own threads run on
+    # them too, at any row count: the outputs of BLAS's threads, up to rounding
+    rng = np.random.default_rng(4)
+    net = fastbp.MLP([300, 128, 10], dtype=np.float32, seed=0)
+    fastbp.set_num_threads(2)
+    for n in (1, 40, 1000):
+        X = rng.normal(size=(n, 300)).astype(np.float32)
+        y = rng.integers(0, 10, size=n)
+        results = {}
+        for mode in (False, True, "always"):
+            _kernels._own_threads(mode)
+            calls = _kernels._own_threads_calls()
+            results[mode] = net.predict_proba(X), net.evaluate(X, y)
+            used = _kernels._own_threads_calls() - calls
+            assert used == (2 if mode == "always" or (mode and KERNEL and n >= 32) else 0)
+            assert fastbp.get_num_threads() == 2
+        for mode in (True, "always"):
+            np.testing.assert_allclose(results[mode][0], results[False][0], rtol=1e-5, atol=1e-7)
+            assert results[mode][1] == pytest.approx(results[False][1], rel=1e-5)

@@ -1593,10 +1593,17 @@ cdef object _forward_direct(object X, object labels, object targets, object para
     cdef bint want_loss = labels is not None or targets is not None
     cdef bint bad_label = False
     cdef double value = 0
+    cdef int threads
     with nogil:
         if pl != NULL:
             bad_label = _first_bad_label(<const int64_t*>pl, n, k) >= 0
         if not bad_label:
+            # A network that trains on fastbp's own threads runs its forward passes on
+            # them too, whatever the row count (judged as for a batch of 128): a pass
+            # on BLAS's threads (fit's validation between epochs) would wake OpenBLAS's
+            # workers, which then spin for 0.1 s into the next epoch's steps.
+            threads = fbp_threads_enter(n if n < 128 else 128, n_layers, c_sizes,
+                                        t == cnp.NPY_FLOAT64)
             if t == cnp.NPY_FLOAT32:
                 value = _mlp_outputs(<const float*>px, <const int64_t*>pl, <const float*>pt,
                                      <const float*>pp, <float*>pa, <float*>po, n, n_layers,
@@ -1605,6 +1612,7 @@ cdef object _forward_direct(object X, object labels, object targets, object para
                 value = _mlp_outputs(<const double*>px, <const int64_t*>pl, <const double*>pt,
                                      <const double*>pp, <double*>pa, <double*>po, n, n_layers,
                                      c_sizes, acts, loss_code, want_loss)
+            fbp_threads_exit(threads)
     if bad_label:
         return _NOT_DONE
     return value if want_loss else None

@@ -12,8 +12,9 @@ than one level of parallelism:
   products from it (it is faster than one-thread OpenBLAS there).
 - The training steps, epochs and gradients of networks that the forward kernel
   suits (float32 batches of 32-128 rows whose layers of more than 128 inputs
-  it takes: MNIST-sized networks) run on fastbp's own threads instead, as many
-  as BLAS has: for the length of the call, SciPy's OpenBLAS is set to one thread
+  it takes: MNIST-sized networks), and their forward passes of 32 rows or more
+  (``predict``, ``evaluate``, fit's validation), run on fastbp's own threads
+  instead, as many as BLAS has: for the length of the call, SciPy's OpenBLAS is set to one thread
   and every product is split across fastbp's threads (1.04-1.30x faster steps
   on two cores). That switch is visible to other Python threads that call
   SciPy's BLAS at the same moment (their products run on one thread meanwhile),
