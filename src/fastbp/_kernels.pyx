@@ -134,7 +134,6 @@ cdef extern from "_smallgemm.h" nogil:
     int fbp_own_threads
     long fbp_own_threads_calls
     int fbp_pool_held
-    void (*fbp_blas_set_threads)(int)
     int fbp_pool_takes(Py_ssize_t n, Py_ssize_t n_layers, const Py_ssize_t* sizes, int f64,
                        int threads)
     int fbp_threads_enter(Py_ssize_t n, Py_ssize_t n_layers, const Py_ssize_t* sizes, int f64)
@@ -368,7 +367,15 @@ cdef inline void _forward_layer(const floating* X, const floating* W, const floa
         _squash(Z, n * n_out, act)
 
 
-_SMALL_GEMM_MODES = (False, True, "always")
+# The settings of the switches below (tests and benchmarks), by their C code 0, 1, 2.
+_SWITCH_MODES = (False, True, "always")
+
+
+cdef int _switch_code(object enabled, str what) except -1:
+    """The C code of a switch setting: False 0, True 1, "always" 2."""
+    if not (enabled is True or enabled is False or enabled == "always"):
+        raise ValueError(f"the {what} setting is False, True or 'always', got {enabled!r}")
+    return 2 if enabled == "always" else int(enabled)
 
 
 def _small_gemm(enabled=None):
@@ -377,24 +384,20 @@ def _small_gemm(enabled=None):
     False (BLAS does every product), True, or "always" (the kernel does every
     product, for tests). Tests and benchmarks compare them."""
     global fbp_tn_on
-    cdef int before = fbp_tn_on
+    cdef int before = fbp_tn_on, code
     if enabled is not None:
-        if not (enabled is True or enabled is False or enabled == "always"):
-            raise ValueError(f"the small-product setting is False, True or 'always', got {enabled!r}")
-        if enabled and not fbp_tn_init():
+        code = _switch_code(enabled, "small-product")
+        if code and not fbp_tn_init():
             fbp_tn_on = before
             raise ValueError("the small-product kernel needs AVX-512, which this CPU lacks")
-        fbp_tn_on = 2 if enabled == "always" else int(enabled)
-    return _SMALL_GEMM_MODES[before]
+        fbp_tn_on = code
+    return _SWITCH_MODES[before]
 
 
 def _blas_threads():
     """The thread count of the BLAS that the kernels call, as _smallgemm.h reads it
     to choose between its kernel and BLAS; None where it found no way to read it."""
     return fbp_blas_threads() if fbp_blas_threads != NULL else None
-
-
-_OWN_THREADS_MODES = (False, True, "always")
 
 
 def _own_threads(enabled=None):
@@ -406,10 +409,8 @@ def _own_threads(enabled=None):
     global fbp_own_threads
     cdef int before = fbp_own_threads
     if enabled is not None:
-        if not (enabled is True or enabled is False or enabled == "always"):
-            raise ValueError(f"the own-threads setting is False, True or 'always', got {enabled!r}")
-        fbp_own_threads = 2 if enabled == "always" else int(enabled)
-    return _OWN_THREADS_MODES[before]
+        fbp_own_threads = _switch_code(enabled, "own-threads")
+    return _SWITCH_MODES[before]
 
 
 def _own_threads_calls():
