@@ -624,14 +624,14 @@ class MLP:
 
     def _score_outputs(self, out, y):
         """`score` from the network's outputs on validated targets."""
+        pred = self._predict_from_output(out)
         # (accuracies as counts over n: np.mean's value, in a quarter of its time on
         # small batches)
         if self.loss == "cross_entropy":
-            return np.count_nonzero(out.argmax(axis=1) == y) / out.shape[0]
+            return np.count_nonzero(pred == y) / out.shape[0]
         if self.loss == "binary_cross_entropy":
             # subset accuracy, as sklearn's accuracy_score for multi-label targets
-            return np.count_nonzero(np.all((out > 0.5) == (y > 0.5), axis=1)) / out.shape[0]
-        pred = self._predict_from_output(out)
+            return np.count_nonzero(np.all(pred == (y > 0.5), axis=1)) / out.shape[0]
         # R^2 averaged over outputs, as sklearn's r2_score (1 or 0 for a constant target)
         residual = np.sum((y - pred) ** 2, axis=0, dtype=np.float64)
         total = np.sum((y - y.mean(axis=0)) ** 2, axis=0, dtype=np.float64)
