@@ -122,6 +122,17 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
     for r in rows:
         assert {"fastbp-cython", "fastbp-numpy", "numpy-strong", "gemm-floor"} <= set(r["steps_per_s"])
         assert all(v > 0 for v in r["steps_per_s"].values())
+        assert r["rounds"] >= 3 and all(v > 0 for v in r["speedup"].values())
+
+
+def test_bench_ratios_are_taken_within_rounds():
+    from fastbp.bench import _median_ratio
+
+    # the host slowed down 4x in round 3, between the two candidates, and stayed slow:
+    # the rounds' ratios are 2, 2, 8, 2, 2; the ratio of the medians (8 / 1) would be 8
+    ours = [1.0, 1.0, 1.0, 4.0, 4.0]
+    peer = [2.0, 2.0, 8.0, 8.0, 8.0]
+    assert _median_ratio({"ours": ours, "peer": peer}, "peer", "ours") == 2.0
 
 
 def test_bench_rejects_unknown_workloads(capsys):

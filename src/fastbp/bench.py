@@ -8,8 +8,9 @@ product routines as the step, BLAS and the small-layer forward kernel, in one
 compiled call). Also the per-step speed of the
 compiled epoch `fit` runs, and (``--memory``) allocations per step and the
 peak memory of a fit.
-Times are medians of interleaved rounds in one process: this machine's speed
-drifts, the ratios much less.
+Candidates are timed in interleaved rounds in one process; speeds are medians
+over rounds, ratios medians of each round's ratio: this machine's speed drifts,
+the ratios within a round much less.
 """
 
 import json
@@ -157,8 +158,9 @@ def torch_step(weights, biases, loss, lr=0.01):
     return step
 
 
-def _median_times(candidates, seconds, block=0.1, pause=0.15):
-    """Per-call medians (seconds) of interleaved rounds; candidates: name -> (fn, args).
+def _round_times(candidates, seconds, block=0.1, pause=0.15):
+    """Per-call times (seconds) of each interleaved round; candidates: name -> (fn, args).
+    Returns name -> list of times, one per round, the lists aligned by round.
 
     NumPy, SciPy and PyTorch each keep their own BLAS/OpenMP threads, which
     spin for a while after a call: timed right after another library, a
@@ -185,7 +187,21 @@ def _median_times(candidates, seconds, block=0.1, pause=0.15):
             samples[name].append((time.perf_counter() - start) / counts[name])
         if time.perf_counter() > deadline and len(next(iter(samples.values()))) >= 3:
             break
+    return samples
+
+
+def _median_times(candidates, seconds, block=0.1, pause=0.15):
+    """Per-call medians (seconds) of interleaved rounds; see `_round_times`."""
+    samples = _round_times(candidates, seconds, block, pause)
     return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def _median_ratio(samples, num, den):
+    """Median over rounds of samples[num] / samples[den]. A ratio taken within a
+    round compares two candidates timed seconds apart; the host's speed can change
+    between rounds (it was seen to halve for seconds at a time), which a ratio of
+    two medians would mix in."""
+    return float(np.median(np.asarray(samples[num]) / np.asarray(samples[den])))
 
 
 def blas_info():
@@ -225,15 +241,16 @@ def run(workloads=("tiny", "small", "mnist"), dtypes=("float32",), seconds=1.0):
 
                 ty = torch.from_numpy(y)
                 candidates["torch"] = (step, (torch.from_numpy(X), ty))
-            times = _median_times(candidates, seconds)
-            times["fastbp-epoch"] /= rounds
-            ours = times["fastbp-cython"]
+            samples = _round_times(candidates, seconds)
+            samples["fastbp-epoch"] = [t / rounds for t in samples["fastbp-epoch"]]
             rows.append({
                 "workload": name, "sizes": sizes, "batch": batch, "loss": loss, "dtype": dtype,
-                "steps_per_s": {k: 1 / t for k, t in times.items()},
-                "speedup": {k: t / ours for k, t in times.items() if k != "fastbp-cython"},
-                "percent_of_gemm_floor": 100 * times["gemm-floor"] / ours,
-                "epoch_percent_of_gemm_floor": 100 * times["gemm-floor"] / times["fastbp-epoch"],
+                "rounds": len(samples["fastbp-cython"]),
+                "steps_per_s": {k: 1 / float(np.median(v)) for k, v in samples.items()},
+                "speedup": {k: _median_ratio(samples, k, "fastbp-cython")
+                            for k in samples if k != "fastbp-cython"},
+                "percent_of_gemm_floor": 100 * _median_ratio(samples, "gemm-floor", "fastbp-cython"),
+                "epoch_percent_of_gemm_floor": 100 * _median_ratio(samples, "gemm-floor", "fastbp-epoch"),
             })
     return rows
 
@@ -324,8 +341,9 @@ def format_table(rows, info):
         lines.append(f"{r['workload']:<9} {r['dtype']:<7} {r['steps_per_s']['fastbp-cython']:>14.1f}  "
                      + "  ".join(cells) + f"  {r['percent_of_gemm_floor']:>12.1f}"
                      + f"   {r['steps_per_s']['fastbp-epoch']:>15.1f}  {r['epoch_percent_of_gemm_floor']:>7.1f}")
-    lines.append("x peer: fastbp's net.step speed over the peer's (same batch, medians of interleaved "
-                 "rounds); in fit: per step of the compiled epoch fit runs")
+    lines.append("x peer: fastbp's net.step speed over the peer's (same batch; median over interleaved "
+                 f"rounds of each round's ratio, {min(r['rounds'] for r in rows)}+ rounds); "
+                 "in fit: per step of the compiled epoch fit runs")
     lines.append("machine: " + f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                  f"numpy {np.__version__}")
     lines.append("BLAS threads: " + ", ".join(f"{k}: {v}" for k, v in info.items()))
