@@ -1127,6 +1127,127 @@ def test_small_product_propagates_nan_and_inf_like_blas(small_kernel, dtype):
         np.testing.assert_array_equal(out["always"], out[False])  # NaNs in the same places
 
 
+# The backward products on the same kernel: dW = dZ.T @ X (dZ read down its columns,
+# X's rows copied into the panels) and dX = dZ @ W (W's rows copied). (n, n_in, n_out):
+# every row tail of dW (n_out) and of dX (n), panels of 1 and 2 vectors and partly
+# filled ones, and inner dimensions past a panel's 128 (n for dW, n_out for dX).
+GRAD_SHAPES = [(n, n_in, n_out) for n in (1, 7, 13, 130) for n_in in (1, 9, 17, 33, 40)
+               for n_out in (1, 5, 12, 19, 24)]
+GRAD_SHAPES += [(261, 33, 20), (9, 17, 300), (140, 70, 131), (300, 100, 9)]
+
+
+def test_gradient_products_take_the_shapes_they_measured_faster_on():
+    takes = _kernels._gradient_product_takes
+    for product in ("weights", "inputs"):
+        # below 2^20 multiply-adds OpenBLAS's small-matrix path wins: the tiny and
+        # digits networks' products, and the mnist network's last layer, keep to BLAS
+        for shape in [(32, 64, 32), (128, 128, 10), (64, 128, 64)]:
+            assert not any(takes(product, *shape, t) for t in (0, 1, 2)), (product, shape)
+        # BLAS on one thread: from 2^20 to 2^26 in float32, to 2^24 in float64
+        # (and not on batches of fewer than 32 rows there)
+        for shape, want, want64 in [((128, 784, 256), True, False), ((128, 256, 128), True, True),
+                                    ((8, 1024, 128), True, False), ((256, 1024, 256), True, False),
+                                    ((256, 1024, 1024), False, False)]:
+            assert takes(product, *shape, 1) is want, (product, shape)
+            assert takes(product, *shape, 1, True) is (want64 and (shape[0] >= 32 or
+                                                                   product == "inputs")), shape
+        # BLAS on several threads (or unknown): float32 from 2^20 to below 2^22
+        for threads in (0, 2, 4):
+            assert takes(product, 64, 256, 64, threads)
+            assert not takes(product, 64, 256, 256, threads)
+            assert not takes(product, 64, 256, 64, threads, True)
+        # on fastbp's own threads each part must pass 2^20
+        assert takes(product, 64, 256, 64, 1) and not takes(product, 64, 256, 64, 1, parts=2)
+    # ... and a weight gradient needs 128 rows there (its writes to W cross cores)
+    assert takes("weights", 128, 784, 256, 1, parts=2)
+    assert not takes("weights", 64, 784, 256, 1, parts=2)
+    assert takes("inputs", 64, 784, 256, 1, parts=2)
+    with pytest.raises(ValueError, match="'weights' or 'inputs'"):
+        takes("bias", 128, 784, 256, 1)
+
+
+@needs_small_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_products_are_accurate(small_kernel, dtype):
+    rng = np.random.default_rng(13)
+    tol = np.finfo(dtype).eps
+    for n, n_in, n_out in GRAD_SHAPES:
+        dZ = rng.normal(size=(n, n_out)).astype(dtype)
+        X, W = rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n_out, n_in)).astype(dtype)
+        L = np.longdouble
+        exact = {"dW": dZ.T.astype(L) @ X.astype(L), "dX": dZ.astype(L) @ W.astype(L)}
+        scale = {"dW": np.abs(dZ.T.astype(np.float64)) @ np.abs(X.astype(np.float64)),
+                 "dX": np.abs(dZ.astype(np.float64)) @ np.abs(W.astype(np.float64))}
+        for on in ("always", False):
+            _kernels._small_gemm(on)
+            dW, db, dX = _kernels.dense_backward(
+                dZ, X, W, np.full((n_out, n_in), np.nan, dtype), np.empty(n_out, dtype),
+                np.full((n, n_in), np.nan, dtype))
+            for name, got, depth in (("dW", dW, n), ("dX", dX, n_out)):
+                error = np.abs(got.astype(L) - exact[name])
+                assert (error <= (depth + 1) * tol * scale[name]).all(), (name, on, n, n_in, n_out)
+
+
+@needs_small_kernel
+def test_gradient_products_sum_each_element_in_one_chain_of_fmas(small_kernel):
+    # As the forward product: however deep the inner dimension (the batch for dW,
+    # n_out for dX), each element is fma(a[k], b[k], z) for k = 0, 1, ... from z = 0,
+    # the partial sums of one panel going on from C in the next (emulated as in
+    # test_deep_product_sums_each_element_in_one_chain_of_fmas).
+    if np.finfo(np.longdouble).nmant < 63:
+        pytest.skip("needs an 80-bit long double (x86-64) to emulate an FMA")
+    rng = np.random.default_rng(17)
+    _kernels._small_gemm("always")
+    for n, n_in, n_out in [(261, 33, 20), (9, 17, 300), (140, 70, 131)]:
+        dZ = rng.normal(size=(n, n_out)).astype(np.float32)
+        X, W = rng.normal(size=(n, n_in)).astype(np.float32), rng.normal(size=(n_out, n_in)).astype(np.float32)
+        dW, _, dX = _kernels.dense_backward(dZ, X, W, np.empty((n_out, n_in), np.float32),
+                                            np.empty(n_out, np.float32),
+                                            np.empty((n, n_in), np.float32))
+        L = np.longdouble
+        for got, a, b in ((dW, dZ.T.astype(L), X.astype(L)), (dX, dZ.astype(L), W.astype(L))):
+            z = np.zeros(got.shape, np.float32)
+            for k in range(a.shape[1]):
+                z = (a[:, k, None] * b[None, k, :] + z).astype(np.float32)
+            assert got.tobytes() == z.tobytes(), (n, n_in, n_out)
+
+
+@needs_small_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 61, 300])  # 300 rows: dW's inner dimension in three panels
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # plain SGD: W -= lr * dZ.T @ X in the product
+def test_sgd_step_with_every_product_on_the_kernel(small_kernel, dtype, n, momentum):
+    # the step's dW with alpha = -lr and beta = 1 (the update folded in: each panel's
+    # sum added to W), or alpha = 1 and beta = 0 (momentum), and its dX, against the
+    # float64 reference
+    _kernels._small_gemm("always")
+    rng = np.random.default_rng(n)
+    sizes, acts = (37, 150, 33, 3), ("relu", "tanh")  # dX through W2: 150 deep
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    work = n * sum(sizes[1:])
+    X, X64 = draw(rng, (n, sizes[0]), dtype)
+    labels = rng.integers(0, sizes[-1], size=n)
+    params, params64 = draw(rng, (n_params,), dtype)
+    params *= dtype(0.2)
+    params64 = params.astype(np.float64)
+    buf, buf64 = draw(rng, (n_params,), dtype)
+    value, status = _kernels.mlp_sgd_step(X, labels, None, params, sizes, acts, "cross_entropy",
+                                          "identity", np.empty(work, dtype), np.empty(work, dtype),
+                                          np.empty(n_params, dtype), buf if momentum else None,
+                                          0.1, momentum=momentum)
+    grad = np.empty(n_params)
+    evalue = reference.mlp_gradients(X64, labels, None, params64, sizes, acts, "cross_entropy",
+                                     "identity", np.empty(work), np.empty(work), grad)
+    reference.sgd_update(params64, grad, buf64 if momentum else None, 0.1, momentum=momentum)
+    assert status == 0
+    slack = 1 if dtype == np.float64 else 10
+    assert_close(np.asarray(value, dtype), evalue, scale=slack * (abs(evalue) + 1))
+    scale = slack * (np.abs(params64).max() + np.abs(grad).max() + 1)
+    assert_close(params, params64, scale=scale)
+    if momentum:
+        assert_close(buf, buf64, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 10, 16, 17, 33])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 37, 130])

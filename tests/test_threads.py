@@ -142,23 +142,28 @@ def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
         np.testing.assert_allclose(net.params, reference.params, rtol=1e-4, atol=1e-6)
 
 
-def test_own_threads_forward_is_bitwise_the_kernels(own_threads):
-    # the forward kernel split by rows across the pool: every element the same FMA
-    # chain, so the loss (forward only) has the bits of the one-thread kernel
+def test_own_threads_products_are_bitwise_the_kernels(own_threads):
+    # the kernel's products split across the pool: every element the same FMA chain,
+    # so the loss and the gradients have the bits of the one-thread kernel. With
+    # 61 rows (uneven parts): the forward products and dX split by rows, dW of the
+    # first layer by its 512 rows, dW of the last (10 x 512) by its columns
     if not KERNEL:
-        pytest.skip("the forward kernel needs AVX-512")
+        pytest.skip("the kernel needs AVX-512")
     before = _kernels._small_gemm("always")
     try:
-        losses = []
+        results = []
         for mode in (False, "always"):
             _kernels._own_threads(mode)
             fastbp.set_num_threads(2)
             rng = np.random.default_rng(2)
-            X = rng.normal(size=(61, 300)).astype(np.float32)  # 61 rows: uneven parts
+            X = rng.normal(size=(61, 300)).astype(np.float32)
             y = rng.integers(0, 10, size=61)
-            net = fastbp.MLP([300, 72, 10], dtype=np.float32, seed=0)
-            losses.append(net.gradients(X, y)[0])
-        assert losses[0] == losses[1]
+            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
+            calls = _kernels._own_threads_calls()
+            loss, dW, db = net.gradients(X, y)
+            assert _kernels._own_threads_calls() - calls == (mode == "always")
+            results.append([np.float32(loss).tobytes()] + [g.tobytes() for g in dW + db])
+        assert results[0] == results[1]
     finally:
         _kernels._small_gemm(before)
 

@@ -125,10 +125,18 @@ cdef extern from "_smallgemm.h" nogil:
     int (*fbp_blas_threads)()
     int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int f64)
     int fbp_tn_takes_for(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int threads, int f64)
+    int fbp_gemm_takes_for(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                           int threads, int f64, int parts)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
                    Py_ssize_t n_out, const float* b, int act, float slope)
     int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
                    Py_ssize_t n_in, Py_ssize_t n_out, const double* b, int act, double slope)
+    int fbp_gemm_f32(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                     float alpha, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                     float beta, float* C, Py_ssize_t ldc)
+    int fbp_gemm_f64(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                     double alpha, const double* A, Py_ssize_t lda, const double* B,
+                     Py_ssize_t ldb, double beta, double* C, Py_ssize_t ldc)
     # fastbp's own threads for whole-network calls (_pool.h; the rule in _smallgemm.h)
     ctypedef void (*fbp_part_fn)(void* arg, int part, int parts) noexcept nogil
     int fbp_own_threads
@@ -297,6 +305,12 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
     (each part then packs the smaller operand whole: measured the faster split)."""
     cdef _GemmJob j
     cdef int parts = fbp_pool_held, longer = M if M >= N else N
+    if floating is float:
+        if fbp_gemm_f32(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+            return
+    else:
+        if fbp_gemm_f64(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
+            return
     if parts >= 2 and K > 0 and <double>M * N * K >= 262144.0 and longer >= 32:
         if parts > longer // 16:
             parts = longer // 16
@@ -337,13 +351,7 @@ cdef inline void _forward_product(const floating* X, const floating* W, floating
                                   Py_ssize_t n, Py_ssize_t n_in,
                                   Py_ssize_t n_out) noexcept nogil:
     """Z = X @ W.T for X (n, n_in), W (n_out, n_in): _smallgemm.h's kernel where it
-    takes the shape, BLAS elsewhere."""
-    if floating is float:
-        if fbp_tn_f32(X, W, Z, n, n_in, n_out, NULL, IDENTITY, 0):
-            return
-    else:
-        if fbp_tn_f64(X, W, Z, n, n_in, n_out, NULL, IDENTITY, 0):
-            return
+    takes the shape, BLAS elsewhere (`_gemm`)."""
     _gemm(c'N', c'T', <int>n, <int>n_out, <int>n_in, 1, X, <int>n_in, W, <int>n_in, 0, Z,
           <int>n_out)
 
@@ -379,10 +387,11 @@ cdef int _switch_code(object enabled, str what) except -1:
 
 
 def _small_gemm(enabled=None):
-    """Whether forward products run on _smallgemm.h's kernel (needs AVX-512) where
-    it beats BLAS. With an argument, switches it and returns the previous setting:
-    False (BLAS does every product), True, or "always" (the kernel does every
-    product, for tests). Tests and benchmarks compare them."""
+    """Whether products (a layer's forward product and its two backward ones) run on
+    _smallgemm.h's kernel (needs AVX-512) where it beats BLAS. With an argument,
+    switches it and returns the previous setting: False (BLAS does every product),
+    True, or "always" (the kernel does every product, for tests). Tests and
+    benchmarks compare them."""
     global fbp_tn_on
     cdef int before = fbp_tn_on, code
     if enabled is not None:
@@ -438,6 +447,19 @@ def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, blas_thre
     if blas_threads is None:
         return bool(fbp_tn_takes(n, n_in, n_out, f64))
     return bool(fbp_tn_takes_for(n, n_in, n_out, blas_threads, f64))
+
+
+def _gradient_product_takes(str product, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
+                            int blas_threads, bint f64=False, int parts=1):
+    """Whether a layer's backward product runs on _smallgemm.h's kernel (when it is
+    on) rather than BLAS: product "weights" (dW = dZ.T @ X) or "inputs"
+    (dX = dZ @ W) on a batch of n rows, BLAS on `blas_threads` threads (0:
+    unknown), inside a call split into `parts` parts on fastbp's own threads."""
+    if product == "weights":
+        return bool(fbp_gemm_takes_for(c'T', c'N', n_out, n_in, n, blas_threads, f64, parts))
+    if product == "inputs":
+        return bool(fbp_gemm_takes_for(c'N', c'N', n, n_in, n_out, blas_threads, f64, parts))
+    raise ValueError(f"product is 'weights' or 'inputs', got {product!r}")
 
 
 # ---------------------------------------------------------------------------

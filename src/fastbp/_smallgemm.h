@@ -1,6 +1,7 @@
-/* The forward product of a dense layer, Z = X @ W.T, without BLAS, where BLAS is
- * slow at it: small layers, small batches, and (BLAS on one thread) most
- * layers of up to 2^20 outputs. fbp_tn_takes says where, from measurements.
+/* The products of a dense layer without BLAS, where BLAS is slow at them. First
+ * the forward product, Z = X @ W.T: small layers, small batches, and (BLAS on
+ * one thread) most layers of up to 2^20 outputs. fbp_tn_takes says where, from
+ * measurements.
  *
  * X is (n, n_in) and W is (n_out, n_in), both row-major: every element of Z
  * is a dot product of two contiguous rows ("TN" to a column-major BLAS).
@@ -19,8 +20,14 @@
  * they are stored (the same operations as fbp_bias_act's separate pass over Z,
  * so the same bits): 2.4% off a digits-network step.
  *
- * Each element is summed in the order k = 0, 1, ..., n_in - 1 by fused
- * multiply-adds, z = fma(x[k], w[k], z) from z = 0. The kernel needs
+ * The same kernel makes a layer's two backward products, dW = dZ.T @ X and
+ * dX = dZ @ W, where OpenBLAS is slow at them: from 2^20 multiply-adds, where
+ * it leaves its path for small matrices and packs both operands into panels,
+ * 1.2-2.8x faster on one thread (fbp_gemm_takes_for). Only one operand is
+ * packed here, and for these two products by plain copies of its rows.
+ *
+ * Each element is summed in the order k = 0, 1, ... of the inner dimension by
+ * fused multiply-adds, z = fma(x[k], w[k], z) from z = 0. The kernel needs
  * AVX-512 (checked when the module loads); elsewhere fbp_tn_* returns 0 and
  * the caller calls sgemm/dgemm. An AVX2 version of the same kernel, timed on
  * an AVX-512 machine (Zen 4) against OpenBLAS's AVX2 (Haswell) kernels, won on
@@ -154,6 +161,56 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int
     if (fbp_tn_on == 2)
         return n_in >= 1;
     return fbp_tn_takes_for(n, n_in, n_out, FBP_TN_READ_THREADS, f64);
+}
+
+/* Whether the kernel beats BLAS on C (M x N) = op(A) @ op(B) over K, in the
+ * row-major terms of the module's _gemm ('N' / 'T'). The forward product ('N',
+ * 'T') goes by the rule above. A layer's weight gradient dZ.T @ input ('T', 'N';
+ * K is the batch) and input gradient dZ @ W ('N', 'N'; M is the batch) go by
+ * one rule, measured on an AVX-512 machine (Intel Emerald Rapids, SciPy's
+ * OpenBLAS 0.3.30), batches of 8-256 rows, 32-1024 inputs and 10-1024 outputs;
+ * ratios are BLAS's time over the kernel's:
+ * - Below 2^20 multiply-adds, OpenBLAS's path for small matrices, which packs
+ *   nothing, wins or ties (0.5-1.1x). Above it, OpenBLAS packs both operands.
+ * - BLAS on one thread: from 2^20 up to 2^26 multiply-adds in float32 (1.2-2.8x,
+ *   falling to 1.04-1.15x at 2^26; 0.94x at 2^28, where the kernel's lack of
+ *   blocking for L2 shows); in float64 up to 2^24 (1.1-1.6x), and only on
+ *   batches of 32 rows or more (0.5-1.0x on 8 for the weight gradient).
+ * - BLAS on two threads: float32 from 2^20 to below 2^22 (1.04-2.6x; from 2^22
+ *   on, 0.5-1.1x); in float64 dgemm's two threads win or tie nearly everywhere.
+ * - On fastbp's own threads (parts: the pool's thread count, BLAS on one thread)
+ *   a product is split into parts, and each part must pass the lower bound. And
+ *   a weight gradient there needs a batch of 128 rows or more: in a step both
+ *   threads have just read W for the forward product, so each line of W that a
+ *   folded update (or of dW) writes must first be taken from the other core's
+ *   cache, and the fewer rows, the less work per line. Steps of 784-256-128-10
+ *   with the weight gradients' kernel against BLAS's products split the same
+ *   way: on 32 rows 0.90x, on 64 rows 0.98x, on 128 rows 1.035x.
+ * (TT products do not occur in a layer: BLAS.) */
+static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
+                                     ptrdiff_t K, int threads, int f64, int parts)
+{
+    double mac = (double)M * (double)N * (double)K;
+    ptrdiff_t batch = transa == 'T' ? K : M;
+    if (transa == 'N' && transb == 'T')
+        return fbp_tn_takes_for(M, K, N, threads, f64);
+    if (transb != 'N' || mac / (parts > 1 ? parts : 1) < 1048576.0
+        || (parts > 1 && transa == 'T' && K < 128))
+        return 0;
+    if (threads == FBP_TN_READ_THREADS)
+        threads = fbp_blas_threads != NULL ? fbp_blas_threads() : 0;
+    if (threads == 1)
+        return f64 ? batch >= 32 && mac <= 16777216.0 : mac <= 67108864.0;
+    return !f64 && mac < 4194304.0;
+}
+
+static inline int fbp_gemm_takes(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
+                                 ptrdiff_t K, int f64)
+{
+    if (fbp_tn_on == 2)
+        return K >= 1;
+    return fbp_gemm_takes_for(transa, transb, M, N, K, FBP_TN_READ_THREADS, f64,
+                              fbp_pool_held);
 }
 
 /* 1: a whole-network call (a step, an epoch, a gradient) runs on fastbp's own
@@ -317,12 +374,27 @@ static int fbp_tn_init(void)
     return fbp_tn_on;
 }
 
-/* One kernel per dtype, called through ENTRY. V: the vector type, L: its lanes; a panel is
- * 2 vectors wide (PW = 2 L columns). LOAD/SET1/FMA/ZERO: the intrinsics;
- * STORE(p, v, w): the first w lanes of v to p; LOADW(p, w): the first w lanes
- * of p, zeros after; ADD/MAX/MUL and SELGT(v, a): v where v > 0, else a. */
-#define FBP_DEFINE_TN(ENTRY, NAME, T, V, L, TARGET, LOAD, SET1, FMA, ZERO, STORE, PACK,  \
-                      LOADW, ADD, MAX, MUL, SELGT)                                       \
+/* One kernel per dtype, called through ENTRY (the forward product, with its bias and
+ * activation) and GEMM (any product of the three shapes a layer makes, where
+ * fbp_gemm_takes says). V: the vector type, L: its lanes; a panel is 2 vectors wide
+ * (PW = 2 L columns). LOAD/SET1/FMA/ZERO: the intrinsics; STORE(p, v, w): the first
+ * w lanes of v to p; LOADW(p, w): the first w lanes of p, zeros after; ADD/MAX/MUL
+ * and SELGT(v, a): v where v > 0, else a.
+ *
+ * In row-major terms the kernel makes C (m x n) = alpha * op(A) @ op(B) + beta * C
+ * (beta 0 or 1) over an inner dimension of kdim:
+ * - op(A)'s element (r, k) is A[r * a_rs + k * a_ks], read one at a time and
+ *   broadcast: X of the forward product (a_ks = 1), dZ.T of a weight gradient
+ *   (a_rs = 1, dZ read down its columns), dZ of an input gradient;
+ * - op(B) is packed into panels: by the transposes above where its columns are
+ *   contiguous (W.T of the forward product), by plain copies where its rows are
+ *   (the layer's input of a weight gradient, W of an input gradient).
+ * Each element is summed in the order k = 0, 1, ..., kdim - 1 by fused multiply-adds
+ * from zero; with alpha = 1 and beta = 0 a deep product's partial sums wait in C
+ * between panels and go on from there (the same bits as one pass), otherwise each
+ * panel's sum is added as alpha * sum + C, as BLAS does with its blocks of k. */
+#define FBP_DEFINE_TN(ENTRY, GEMM, NAME, T, V, L, TARGET, LOAD, SET1, FMA, ZERO, STORE,  \
+                      PACK, LOADW, ADD, MAX, MUL, SELGT)                                 \
 /* act(v + bias) as fbp_bias_act does it, one rounding per operation: relu is            \
  * max(0, v), which gives v for NaN and -0 as `v < 0 ? 0 : v` does; leaky relu           \
  * keeps v where v > 0, else v * slope (NaN stays NaN). */                               \
@@ -337,21 +409,36 @@ static inline V NAME##_finish(V v, V bias, int act, V slope)                    
     return v;                                                                            \
 }                                                                                        \
                                                                                          \
-/* R rows of X (ldx apart) times kc rows of the panel P, into R rows of Z (ldz apart):    \
- * from zero when first, else on from the partial sums Z holds. */                       \
+/* Rows k of op(B) (B[k * ld + j]) into the panel P, pw wide, zeros after w columns. */  \
+__attribute__((target(TARGET)))                                                          \
+static void NAME##_copy(const T *B, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T *P,       \
+                        ptrdiff_t pw)                                                    \
+{                                                                                        \
+    for (ptrdiff_t k = 0; k < kc; k++) {                                                 \
+        STORE(P + k * pw, LOADW(B + k * ld, w < L ? w : L), L);                          \
+        if (pw > L)                                                                      \
+            STORE(P + k * pw + L, LOADW(B + k * ld + L, w > L ? w - L : 0), L);          \
+    }                                                                                    \
+}                                                                                        \
+                                                                                         \
+/* R rows of op(A) (element (r, k) at X[r * rs + k * ks]) times kc rows of the panel P,  \
+ * into R rows of C (ldc apart), w columns. The sums start from zero, or (init) from     \
+ * the partial sums C holds; stored as they are, or with the bias and act when b is not  \
+ * NULL, or as alpha * sum + C (add), or alpha * sum. */                                 \
 __attribute__((target(TARGET), always_inline))                                           \
-static inline void NAME##_rows(const T *X, ptrdiff_t ldx, ptrdiff_t kc, const T *P,      \
-                               T *Z, ptrdiff_t ldz, ptrdiff_t w, const int R,            \
-                               const int NV, int first, const T *b, int act, T slope)    \
+static inline void NAME##_rows(const T *X, ptrdiff_t rs, ptrdiff_t ks, ptrdiff_t kc,     \
+                               const T *P, T *C, ptrdiff_t ldc, ptrdiff_t w, const int R, \
+                               const int NV, int init, int add, T alpha, const T *b,     \
+                               int act, T slope)                                         \
 {                                                                                        \
     V a0[FBP_TN_ROWS1], a1[FBP_TN_ROWS1];                                                \
     for (int r = 0; r < R; r++) {                                                        \
-        if (first) {                                                                     \
+        if (!init) {                                                                     \
             a0[r] = ZERO();                                                              \
             a1[r] = ZERO();                                                              \
         } else {                                                                         \
-            a0[r] = LOADW(Z + r * ldz, w < L ? w : L);                                   \
-            a1[r] = NV == 2 ? LOADW(Z + r * ldz + L, w - L) : ZERO();                    \
+            a0[r] = LOADW(C + r * ldc, w < L ? w : L);                                   \
+            a1[r] = NV == 2 ? LOADW(C + r * ldc + L, w - L) : ZERO();                    \
         }                                                                                \
     }                                                                                    \
     /* unrolled: one k per pass issued 29 uops for 16 FMAs, near the 4 per cycle    */   \
@@ -360,13 +447,13 @@ static inline void NAME##_rows(const T *X, ptrdiff_t ldx, ptrdiff_t kc, const T 
     for (ptrdiff_t k = 0; k < kc; k++) {                                                 \
         V p0 = LOAD(P + k * NV * L), p1 = NV == 2 ? LOAD(P + k * NV * L + L) : p0;       \
         for (int r = 0; r < R; r++) {                                                    \
-            V x = SET1(X[r * ldx + k]);                                                  \
+            V x = SET1(X[r * rs + k * ks]);                                              \
             a0[r] = FMA(x, p0, a0[r]);                                                   \
             if (NV == 2)                                                                 \
                 a1[r] = FMA(x, p1, a1[r]);                                               \
         }                                                                                \
     }                                                                                    \
-    if (b != NULL) { /* (without a bias, act is FBP_IDENTITY: ENTRY sees to it) */       \
+    if (b != NULL) { /* (with a bias, alpha is 1 and nothing is added: ENTRY) */         \
         V b0 = LOADW(b, w < L ? w : L), b1 = NV == 2 ? LOADW(b + L, w - L) : b0;         \
         V vs = SET1(slope);                                                              \
         for (int r = 0; r < R; r++) {                                                    \
@@ -374,103 +461,151 @@ static inline void NAME##_rows(const T *X, ptrdiff_t ldx, ptrdiff_t kc, const T 
             if (NV == 2)                                                                 \
                 a1[r] = NAME##_finish(a1[r], b1, act, vs);                               \
         }                                                                                \
+    } else if (add) {                                                                    \
+        V va = SET1(alpha);                                                              \
+        for (int r = 0; r < R; r++) {                                                    \
+            a0[r] = FMA(va, a0[r], LOADW(C + r * ldc, w < L ? w : L));                   \
+            if (NV == 2)                                                                 \
+                a1[r] = FMA(va, a1[r], LOADW(C + r * ldc + L, w - L));                   \
+        }                                                                                \
+    } else if (alpha != 1) {                                                             \
+        V va = SET1(alpha);                                                              \
+        for (int r = 0; r < R; r++) {                                                    \
+            a0[r] = MUL(va, a0[r]);                                                      \
+            a1[r] = MUL(va, a1[r]);                                                      \
+        }                                                                                \
     }                                                                                    \
     for (int r = 0; r < R; r++) {                                                        \
         if (w >= 2 * L) {                                                                \
-            STORE(Z + r * ldz, a0[r], L);                                                \
-            STORE(Z + r * ldz + L, a1[r], L);                                            \
+            STORE(C + r * ldc, a0[r], L);                                                \
+            STORE(C + r * ldc + L, a1[r], L);                                            \
         } else if (w > L) {                                                              \
-            STORE(Z + r * ldz, a0[r], L);                                                \
-            STORE(Z + r * ldz + L, a1[r], w - L);                                        \
+            STORE(C + r * ldc, a0[r], L);                                                \
+            STORE(C + r * ldc + L, a1[r], w - L);                                        \
         } else {                                                                         \
-            STORE(Z + r * ldz, a0[r], w);                                                \
+            STORE(C + r * ldc, a0[r], w);                                                \
         }                                                                                \
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Every row of X times one packed panel (NV vectors wide, kc deep) into Z's columns     \
- * j0 .. j0 + w - 1 (Z and b already offset by j0; X by the panel's first k). */         \
+/* Rows 0 .. m - 1 of op(A) times one packed panel (NV vectors wide, kc deep) into C's   \
+ * columns j0 .. j0 + w - 1 (C and b already offset by j0; X by the panel's first k). */ \
 __attribute__((target(TARGET), always_inline))                                           \
-static inline void NAME##_panel(const T *X, ptrdiff_t n, ptrdiff_t ldx, ptrdiff_t kc,    \
-                                const T *P, T *Z, ptrdiff_t ldz, ptrdiff_t w,            \
-                                const int NV, int first, const T *b, int act, T slope)   \
+static inline void NAME##_panel(const T *X, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t ks,     \
+                                ptrdiff_t kc, const T *P, T *C, ptrdiff_t ldc,           \
+                                ptrdiff_t w, const int NV, int init, int add, T alpha,   \
+                                const T *b, int act, T slope)                            \
 {                                                                                        \
     const int B = NV == 2 ? FBP_TN_ROWS : FBP_TN_ROWS1;                                  \
     ptrdiff_t i = 0;                                                                     \
-    for (; i + B <= n; i += B)                                                           \
-        NAME##_rows(X + i * ldx, ldx, kc, P, Z + i * ldz, ldz, w, B, NV, first, b, act,  \
-                    slope);                                                              \
-    X += i * ldx;                                                                        \
-    Z += i * ldz;                                                                        \
-    switch (n - i) {                                                                     \
-    case 11: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 11, NV, first, b, act, slope); break; \
-    case 10: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 10, NV, first, b, act, slope); break; \
-    case 9: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 9, NV, first, b, act, slope); break;   \
-    case 8: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 8, NV, first, b, act, slope); break;   \
-    case 7: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 7, NV, first, b, act, slope); break;   \
-    case 6: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 6, NV, first, b, act, slope); break;   \
-    case 5: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 5, NV, first, b, act, slope); break;   \
-    case 4: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 4, NV, first, b, act, slope); break;   \
-    case 3: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 3, NV, first, b, act, slope); break;   \
-    case 2: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 2, NV, first, b, act, slope); break;   \
-    case 1: NAME##_rows(X, ldx, kc, P, Z, ldz, w, 1, NV, first, b, act, slope); break;   \
+    for (; i + B <= m; i += B)                                                           \
+        NAME##_rows(X + i * rs, rs, ks, kc, P, C + i * ldc, ldc, w, B, NV, init, add,    \
+                    alpha, b, act, slope);                                               \
+    X += i * rs;                                                                         \
+    C += i * ldc;                                                                        \
+    switch (m - i) {                                                                     \
+    /* the rows left, up to 11: one case each, so that R is a constant */                \
+    FBP_TN_TAIL(NAME, 11) FBP_TN_TAIL(NAME, 10) FBP_TN_TAIL(NAME, 9)                     \
+    FBP_TN_TAIL(NAME, 8) FBP_TN_TAIL(NAME, 7) FBP_TN_TAIL(NAME, 6)                       \
+    FBP_TN_TAIL(NAME, 5) FBP_TN_TAIL(NAME, 4) FBP_TN_TAIL(NAME, 3)                       \
+    FBP_TN_TAIL(NAME, 2) FBP_TN_TAIL(NAME, 1)                                            \
     default: break;                                                                      \
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* Z = X @ W.T (then the bias and act) for FBP_TN_SWEEP rows of X at a time:           \
- * panels of 2 vectors (of 1 for a last panel of L columns or fewer), each packed        \
- * FBP_TN_MAX_K rows of W at a time; a column's partial sum waits in Z in between. */   \
+/* One product for NAME##_block, in the terms above. */                                  \
+typedef struct {                                                                         \
+    const T *A;                                                                          \
+    ptrdiff_t a_rs, a_ks;                                                                \
+    const T *B;                                                                          \
+    ptrdiff_t ldb;                                                                       \
+    int b_rows; /* 1: op(B)[k, j] = B[k * ldb + j]; 0: B[j * ldb + k] */                 \
+    T *C;                                                                                \
+    ptrdiff_t ldc, m, n, kdim;                                                           \
+    T alpha;                                                                             \
+    int beta;                                                                            \
+    const T *b; /* a forward product's bias (alpha 1, beta 0), or NULL */                \
+    int act;                                                                             \
+    T slope;                                                                             \
+} NAME##_job;                                                                            \
+                                                                                         \
+/* Rows r0 .. r1 - 1 and columns c0 .. c1 - 1 of C, FBP_TN_SWEEP rows of op(A) at a      \
+ * time: panels of 2 vectors (of 1 for a last panel of L columns or fewer), each packed  \
+ * FBP_TN_MAX_K rows of op(B) at a time. */                                              \
 __attribute__((target(TARGET)))                                                          \
-static void NAME##_block(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,      \
-                         ptrdiff_t n_out, const T *b, int act, T slope)                  \
+static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t c0,  \
+                         ptrdiff_t c1)                                                   \
 {                                                                                        \
     T P[FBP_TN_MAX_K * 2 * L] __attribute__((aligned(64)));                              \
-    for (ptrdiff_t i0 = 0; i0 < n; i0 += FBP_TN_SWEEP) {                                 \
-        ptrdiff_t m = n - i0 < FBP_TN_SWEEP ? n - i0 : FBP_TN_SWEEP;                     \
-        const T *Xs = X + i0 * n_in;                                                     \
-        T *Zs = Z + i0 * n_out;                                                          \
-        for (ptrdiff_t j = 0; j < n_out; j += 2 * L) {                                   \
-            ptrdiff_t w = n_out - j < 2 * L ? n_out - j : 2 * L;                         \
-            for (ptrdiff_t k0 = 0; k0 < n_in; k0 += FBP_TN_MAX_K) {                      \
-                ptrdiff_t kc = n_in - k0 < FBP_TN_MAX_K ? n_in - k0 : FBP_TN_MAX_K;      \
-                const T *bias = b != NULL && k0 + kc == n_in ? b + j : NULL;             \
-                if (w > L) {                                                             \
-                    PACK(W + j * n_in + k0, n_in, kc, w, P, 2 * L);                      \
-                    NAME##_panel(Xs + k0, m, n_in, kc, P, Zs + j, n_out, w, 2, k0 == 0,  \
-                                 bias, act, slope);                                      \
-                } else {                                                                 \
-                    PACK(W + j * n_in + k0, n_in, kc, w, P, L);                          \
-                    NAME##_panel(Xs + k0, m, n_in, kc, P, Zs + j, n_out, w, 1, k0 == 0,  \
-                                 bias, act, slope);                                      \
-                }                                                                        \
+    const NAME##_job Q = *job, *q = &Q; /* (a copy: C's stores cannot alias it) */      \
+    const int cont = q->alpha == 1 && !q->beta; /* partial sums go on in C */            \
+    for (ptrdiff_t i0 = r0; i0 < r1; i0 += FBP_TN_SWEEP) {                               \
+        ptrdiff_t m = r1 - i0 < FBP_TN_SWEEP ? r1 - i0 : FBP_TN_SWEEP;                   \
+        const T *Xs = q->A + i0 * q->a_rs;                                               \
+        T *Cs = q->C + i0 * q->ldc;                                                      \
+        for (ptrdiff_t j = c0; j < c1; j += 2 * L) {                                     \
+            ptrdiff_t w = c1 - j < 2 * L ? c1 - j : 2 * L;                               \
+            int nv = w > L ? 2 : 1;                                                      \
+            for (ptrdiff_t k0 = 0; k0 < q->kdim; k0 += FBP_TN_MAX_K) {                   \
+                ptrdiff_t kc = q->kdim - k0 < FBP_TN_MAX_K ? q->kdim - k0 : FBP_TN_MAX_K; \
+                const T *bias = q->b != NULL && k0 + kc == q->kdim ? q->b + j : NULL;    \
+                int init = cont && k0 > 0, add = !cont && (k0 > 0 || q->beta);           \
+                if (q->b_rows)                                                           \
+                    NAME##_copy(q->B + k0 * q->ldb + j, q->ldb, kc, w, P, nv * L);       \
+                else                                                                     \
+                    PACK(q->B + j * q->ldb + k0, q->ldb, kc, w, P, nv * L);              \
+                /* op(A) is read along its rows (a_ks = 1) or its columns (a_rs = 1): */ \
+                /* each with its stride a constant (a variable one: 1-3% slower) */      \
+                if (nv == 2 && q->a_ks == 1)                                             \
+                    NAME##_panel(Xs + k0, m, q->a_rs, 1, kc, P, Cs + j, q->ldc, w, 2,    \
+                                 init, add, q->alpha, bias, q->act, q->slope);           \
+                else if (nv == 2)                                                        \
+                    NAME##_panel(Xs + k0 * q->a_ks, m, 1, q->a_ks, kc, P, Cs + j, q->ldc, \
+                                 w, 2, init, add, q->alpha, bias, q->act, q->slope);     \
+                else if (q->a_ks == 1)                                                   \
+                    NAME##_panel(Xs + k0, m, q->a_rs, 1, kc, P, Cs + j, q->ldc, w, 1,    \
+                                 init, add, q->alpha, bias, q->act, q->slope);           \
+                else                                                                     \
+                    NAME##_panel(Xs + k0 * q->a_ks, m, 1, q->a_ks, kc, P, Cs + j, q->ldc, \
+                                 w, 1, init, add, q->alpha, bias, q->act, q->slope);     \
             }                                                                            \
         }                                                                                \
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* A product split by rows of X across fastbp's pool (_pool.h): part p of parts takes    \
- * rows from p * n / parts, rounded up to a block of 8. Each element is the same FMA     \
- * chain as on one thread, so the same bits. */                                          \
-typedef struct {                                                                         \
-    const T *X, *W;                                                                      \
-    T *Z;                                                                                \
-    ptrdiff_t n, n_in, n_out;                                                            \
-    const T *b;                                                                          \
-    int act;                                                                             \
-    T slope;                                                                             \
-} NAME##_job;                                                                            \
-                                                                                         \
+/* A product split across fastbp's pool (_pool.h): by rows of C where it has 16 or more, \
+ * part p of parts taking rows from p * m / parts rounded up to a block of 8; else by    \
+ * columns, at panel boundaries. Each element is the same FMA chain as on one thread,    \
+ * so the same bits. */                                                                  \
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
-    const NAME##_job *j = (const NAME##_job *)arg;                                       \
-    ptrdiff_t r0 = (j->n * part / parts + 7) / 8 * 8;                                    \
-    ptrdiff_t r1 = part + 1 == parts ? j->n : (j->n * (part + 1) / parts + 7) / 8 * 8;   \
-    if (r1 > j->n)                                                                       \
-        r1 = j->n;                                                                       \
-    if (r0 < r1)                                                                         \
-        NAME##_block(j->X + r0 * j->n_in, j->W, j->Z + r0 * j->n_out, r1 - r0, j->n_in,  \
-                     j->n_out, j->b, j->act, j->slope);                                  \
+    const NAME##_job *q = (const NAME##_job *)arg;                                       \
+    const ptrdiff_t by_rows = q->m >= 16, size = by_rows ? q->m : q->n;                  \
+    const ptrdiff_t unit = by_rows ? 8 : 2 * L;                                          \
+    ptrdiff_t lo = (size * part / parts + unit - 1) / unit * unit;                       \
+    ptrdiff_t hi = part + 1 == parts ? size                                              \
+                                     : (size * (part + 1) / parts + unit - 1) / unit * unit; \
+    if (hi > size)                                                                       \
+        hi = size;                                                                       \
+    if (lo >= hi)                                                                        \
+        return;                                                                          \
+    if (by_rows)                                                                         \
+        NAME##_block(q, lo, hi, 0, q->n);                                                \
+    else                                                                                 \
+        NAME##_block(q, 0, q->m, lo, hi);                                                \
+}                                                                                        \
+                                                                                         \
+/* The job on this thread, or across the pool when this call holds it and the product   \
+ * is large enough to split (2^18 multiply-adds). */                                     \
+static void NAME##_run(NAME##_job *q)                                                    \
+{                                                                                        \
+    ptrdiff_t units = q->m >= 16 ? q->m / 8 : q->n / (2 * L);                            \
+    if (fbp_pool_held >= 2 && units >= 2                                                 \
+        && (double)q->m * q->n * q->kdim >= 262144.0) {                                  \
+        fbp_pool_run(NAME##_part, q, units < fbp_pool_held ? (int)units : fbp_pool_held); \
+        return;                                                                          \
+    }                                                                                    \
+    NAME##_block(q, 0, q->m, 0, q->n);                                                   \
 }                                                                                        \
                                                                                          \
 /* Z = X @ W.T into Z (n, n_out), then Z[i, j] = act(Z[i, j] + b[j]) when b is not       \
@@ -479,19 +614,36 @@ static void NAME##_part(void *arg, int part, int parts)                         
 static int ENTRY(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,              \
                  ptrdiff_t n_out, const T *b, int act, T slope)                          \
 {                                                                                        \
+    NAME##_job q = {X, n_in, 1, W, n_in, 0, Z, n_out, n, n_out, n_in, 1, 0, b,           \
+                    b == NULL ? FBP_IDENTITY : act, slope};                              \
     if (!fbp_tn_on || !fbp_tn_takes(n, n_in, n_out, sizeof(T) == 8))                     \
         return 0;                                                                        \
-    if (b == NULL)                                                                       \
-        act = FBP_IDENTITY;                                                              \
-    if (fbp_pool_held >= 2 && n >= 16 && (double)n * n_in * n_out >= 262144.0) {          \
-        NAME##_job job = {X, W, Z, n, n_in, n_out, b, act, slope};                       \
-        int parts = n / 8 < fbp_pool_held ? (int)(n / 8) : fbp_pool_held;               \
-        fbp_pool_run(NAME##_part, &job, parts);                                          \
-        return 1;                                                                        \
-    }                                                                                    \
-    NAME##_block(X, W, Z, n, n_in, n_out, b, act, slope);                                \
+    NAME##_run(&q);                                                                      \
+    return 1;                                                                            \
+}                                                                                        \
+                                                                                         \
+/* C (M x N) = alpha * op(A) @ op(B) + beta * C, row-major, op given by 'N' / 'T' (the   \
+ * arguments of the module's _gemm), where fbp_gemm_takes says and beta is 0 or 1;       \
+ * 1 if done, 0 if the caller must use BLAS. */                                          \
+static int GEMM(char transa, char transb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
+                const T *A, ptrdiff_t lda, const T *B, ptrdiff_t ldb, T beta, T *C,      \
+                ptrdiff_t ldc)                                                           \
+{                                                                                        \
+    NAME##_job q = {A, transa == 'N' ? lda : 1, transa == 'N' ? 1 : lda, B, ldb,         \
+                    transb == 'N', C, ldc, M, N, K, alpha, beta != 0, NULL,              \
+                    FBP_IDENTITY, 0};                                                    \
+    if (!fbp_tn_on || M < 1 || N < 1 || K < 1 || (beta != 0 && beta != 1)                \
+        || !fbp_gemm_takes(transa, transb, M, N, K, sizeof(T) == 8))                     \
+        return 0;                                                                        \
+    NAME##_run(&q);                                                                      \
     return 1;                                                                            \
 }
+
+/* One case of NAME##_panel's switch. */
+#define FBP_TN_TAIL(NAME, R)                                                             \
+    case R:                                                                              \
+        NAME##_rows(X, rs, ks, kc, P, C, ldc, w, R, NV, init, add, alpha, b, act, slope); \
+        break;
 
 #define FBP_STORE512_PS(p, v, w) _mm512_mask_storeu_ps((p), (__mmask16)((1u << (w)) - 1u), (v))
 #define FBP_STORE512_PD(p, v, w) _mm512_mask_storeu_pd((p), (__mmask8)((1u << (w)) - 1u), (v))
@@ -502,10 +654,10 @@ static int ENTRY(const T *X, const T *W, T *Z, ptrdiff_t n, ptrdiff_t n_in,     
 #define FBP_SELGT512_PD(v, a)                                                            \
     _mm512_mask_blend_pd(_mm512_cmp_pd_mask((v), _mm512_setzero_pd(), _CMP_GT_OQ), (a), (v))
 
-FBP_DEFINE_TN(fbp_tn_f32, fbp_tn512_f32, float, __m512, 16, "avx512f", _mm512_load_ps,
+FBP_DEFINE_TN(fbp_tn_f32, fbp_gemm_f32, fbp_tn512_f32, float, __m512, 16, "avx512f", _mm512_load_ps,
               _mm512_set1_ps, _mm512_fmadd_ps, _mm512_setzero_ps, FBP_STORE512_PS, fbp_pack_f32,
               FBP_LOADW512_PS, _mm512_add_ps, _mm512_max_ps, _mm512_mul_ps, FBP_SELGT512_PS)
-FBP_DEFINE_TN(fbp_tn_f64, fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_load_pd,
+FBP_DEFINE_TN(fbp_tn_f64, fbp_gemm_f64, fbp_tn512_f64, double, __m512d, 8, "avx512f", _mm512_load_pd,
               _mm512_set1_pd, _mm512_fmadd_pd, _mm512_setzero_pd, FBP_STORE512_PD, fbp_pack_f64,
               FBP_LOADW512_PD, _mm512_add_pd, _mm512_max_pd, _mm512_mul_pd, FBP_SELGT512_PD)
 #else /* not x86-64 with GCC or clang: BLAS does every product */
@@ -516,6 +668,14 @@ static int fbp_tn_f32(const float *X, const float *W, float *Z, ptrdiff_t n,
 { return 0; }
 static int fbp_tn_f64(const double *X, const double *W, double *Z, ptrdiff_t n,
                       ptrdiff_t n_in, ptrdiff_t n_out, const double *b, int act, double slope)
+{ return 0; }
+static int fbp_gemm_f32(char transa, char transb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                        float alpha, const float *A, ptrdiff_t lda, const float *B,
+                        ptrdiff_t ldb, float beta, float *C, ptrdiff_t ldc)
+{ return 0; }
+static int fbp_gemm_f64(char transa, char transb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                        double alpha, const double *A, ptrdiff_t lda, const double *B,
+                        ptrdiff_t ldb, double beta, double *C, ptrdiff_t ldc)
 { return 0; }
 
 #endif
