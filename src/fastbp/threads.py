@@ -7,9 +7,10 @@ as they are: ``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` at start-up, or
 than one level of parallelism:
 
 - Most calls run their products in BLAS, on its threads. fastbp's own
-  forward-product kernel runs on the calling thread; it reads BLAS's thread
-  count at every product and, when BLAS has one thread, takes most forward
-  products from it (it is faster than one-thread OpenBLAS there).
+  product kernel runs on the calling thread; it reads BLAS's thread count at
+  every product and, when BLAS has one thread, takes most forward products
+  and the larger backward ones from it (it is faster than one-thread OpenBLAS
+  there).
 - The training steps, epochs and gradients of networks that the forward kernel
   suits (float32 batches of 32-128 rows whose layers of more than 128 inputs
   it takes: MNIST-sized networks), and their forward passes of 32 rows or more
