@@ -430,11 +430,22 @@ def test_mlp_sgd_step(impl, dtype, n, depth, width, seed, loss, momentum, dampen
     # mlp_gradients then sgd_update in float64
     nesterov = nesterov and momentum > 0 and dampening == 0
     rng = np.random.default_rng(seed)
-    sizes, acts, output, n_params, work, X, X64, labels, targets, targets64, params, params64 = \
+    sizes, acts, output, n_params, _, X, X64, labels, targets, targets64, params, params64 = \
         random_network(rng, n, depth, width, loss, "sigmoid", dtype)
     buf, buf64 = draw(rng, (n_params,), dtype)
-    kwargs = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
-                  weight_decay=weight_decay, maximize=maximize, first_step=first_step)
+    check_sgd_step(impl, (X, X64), labels, (targets, targets64), (params, params64),
+                   (buf, buf64), sizes, acts, loss, output, momentum=momentum,
+                   dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                   maximize=maximize, first_step=first_step)
+
+
+def check_sgd_step(impl, X, labels, targets, params, buf, sizes, acts, loss, output, **kwargs):
+    """impl.mlp_sgd_step against reference.mlp_gradients then sgd_update in float64;
+    X, targets, params and buf are (array, its float64 twin) pairs (buf is used only
+    with momentum: with it the step keeps a buffer, without it folds the update)."""
+    (X, X64), (targets, targets64), (params, params64), (buf, buf64) = X, targets, params, buf
+    dtype, momentum = params.dtype.type, kwargs.get("momentum", 0.0)
+    n_params, work = params.size, X.shape[0] * sum(sizes[1:])
     value, status = impl.mlp_sgd_step(X, labels, targets, params, sizes, acts, loss, output,
                                       np.empty(work, dtype), np.empty(work, dtype),
                                       np.empty(n_params, dtype), buf, 0.1, **kwargs)
@@ -1024,15 +1035,29 @@ DEEP_SHAPES = [(1, 129, 17), (8, 200, 32), (13, 256, 33), (12, 300, 16), (261, 3
                (9, 785, 100)]
 
 
+needs_fma_emulation = pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63,
+                                         reason="needs an 80-bit long double (x86-64) to "
+                                         "emulate an FMA")
+
+
+def fma_chain(a, b):
+    """float32 (m, n): each element fma(a[i, k], b[k, j], z) for k = 0, 1, ... from
+    z = 0, for float32 a (m, K) and b (K, n). An FMA of float32s is emulated in long
+    double: the product is exact there, and the sum is rounded once to 64 bits
+    before float32 (a second rounding that changes the float32 result with
+    probability about 2^-39 per operation)."""
+    a, b = a.astype(np.longdouble), b.astype(np.longdouble)
+    z = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for k in range(a.shape[1]):
+        z = (a[:, k, None] * b[None, k, :] + z).astype(np.float32)
+    return z
+
+
 @needs_small_kernel
+@needs_fma_emulation
 def test_deep_product_sums_each_element_in_one_chain_of_fmas(small_kernel):
     # However deep the input, every element must be z = fma(x[k], w[k], z) for
-    # k = 0, 1, ..., n_in - 1 from z = 0, as on a shallow one. An FMA of float32s is
-    # emulated in long double: the product is exact there, and the sum is rounded
-    # once to 64 bits before float32 (a second rounding that changes the float32
-    # result with probability about 2^-39 per operation).
-    if np.finfo(np.longdouble).nmant < 63:
-        pytest.skip("needs an 80-bit long double (x86-64) to emulate an FMA")
+    # k = 0, 1, ..., n_in - 1 from z = 0, as on a shallow one.
     rng = np.random.default_rng(5)
     _kernels._small_gemm("always")
     for n, n_in, n_out in DEEP_SHAPES:
@@ -1040,11 +1065,7 @@ def test_deep_product_sums_each_element_in_one_chain_of_fmas(small_kernel):
         W = rng.normal(size=(n_out, n_in)).astype(np.float32)
         Z = _kernels.dense_forward(X, W, np.full(n_out, -0.0, np.float32), "identity",
                                    np.full((n, n_out), np.nan, np.float32))
-        z = np.zeros((n, n_out), np.float32)
-        Xl, Wl = X.astype(np.longdouble), W.astype(np.longdouble)
-        for k in range(n_in):
-            z = (Xl[:, k, None] * Wl[None, :, k] + z).astype(np.float32)
-        assert Z.tobytes() == z.tobytes(), (n, n_in, n_out)
+        assert Z.tobytes() == fma_chain(X, W.T).tobytes(), (n, n_in, n_out)
 
 
 @needs_small_kernel
@@ -1189,13 +1210,11 @@ def test_gradient_products_are_accurate(small_kernel, dtype):
 
 
 @needs_small_kernel
+@needs_fma_emulation
 def test_gradient_products_sum_each_element_in_one_chain_of_fmas(small_kernel):
     # As the forward product: however deep the inner dimension (the batch for dW,
     # n_out for dX), each element is fma(a[k], b[k], z) for k = 0, 1, ... from z = 0,
-    # the partial sums of one panel going on from C in the next (emulated as in
-    # test_deep_product_sums_each_element_in_one_chain_of_fmas).
-    if np.finfo(np.longdouble).nmant < 63:
-        pytest.skip("needs an 80-bit long double (x86-64) to emulate an FMA")
+    # the partial sums of one panel going on from C in the next
     rng = np.random.default_rng(17)
     _kernels._small_gemm("always")
     for n, n_in, n_out in [(261, 33, 20), (9, 17, 300), (140, 70, 131)]:
@@ -1204,12 +1223,8 @@ def test_gradient_products_sum_each_element_in_one_chain_of_fmas(small_kernel):
         dW, _, dX = _kernels.dense_backward(dZ, X, W, np.empty((n_out, n_in), np.float32),
                                             np.empty(n_out, np.float32),
                                             np.empty((n, n_in), np.float32))
-        L = np.longdouble
-        for got, a, b in ((dW, dZ.T.astype(L), X.astype(L)), (dX, dZ.astype(L), W.astype(L))):
-            z = np.zeros(got.shape, np.float32)
-            for k in range(a.shape[1]):
-                z = (a[:, k, None] * b[None, k, :] + z).astype(np.float32)
-            assert got.tobytes() == z.tobytes(), (n, n_in, n_out)
+        assert dW.tobytes() == fma_chain(dZ.T, X).tobytes(), (n, n_in, n_out)
+        assert dX.tobytes() == fma_chain(dZ, W).tobytes(), (n, n_in, n_out)
 
 
 @needs_small_kernel
@@ -1224,28 +1239,15 @@ def test_sgd_step_with_every_product_on_the_kernel(small_kernel, dtype, n, momen
     rng = np.random.default_rng(n)
     sizes, acts = (37, 150, 33, 3), ("relu", "tanh")  # dX through W2: 150 deep
     n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
-    work = n * sum(sizes[1:])
     X, X64 = draw(rng, (n, sizes[0]), dtype)
     labels = rng.integers(0, sizes[-1], size=n)
     params, params64 = draw(rng, (n_params,), dtype)
     params *= dtype(0.2)
     params64 = params.astype(np.float64)
     buf, buf64 = draw(rng, (n_params,), dtype)
-    value, status = _kernels.mlp_sgd_step(X, labels, None, params, sizes, acts, "cross_entropy",
-                                          "identity", np.empty(work, dtype), np.empty(work, dtype),
-                                          np.empty(n_params, dtype), buf if momentum else None,
-                                          0.1, momentum=momentum)
-    grad = np.empty(n_params)
-    evalue = reference.mlp_gradients(X64, labels, None, params64, sizes, acts, "cross_entropy",
-                                     "identity", np.empty(work), np.empty(work), grad)
-    reference.sgd_update(params64, grad, buf64 if momentum else None, 0.1, momentum=momentum)
-    assert status == 0
-    slack = 1 if dtype == np.float64 else 10
-    assert_close(np.asarray(value, dtype), evalue, scale=slack * (abs(evalue) + 1))
-    scale = slack * (np.abs(params64).max() + np.abs(grad).max() + 1)
-    assert_close(params, params64, scale=scale)
-    if momentum:
-        assert_close(buf, buf64, scale=scale)
+    check_sgd_step(_kernels, (X, X64), labels, (None, None), (params, params64),
+                   (buf if momentum else None, buf64), sizes, acts, "cross_entropy", "identity",
+                   momentum=momentum)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
