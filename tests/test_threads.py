@@ -68,15 +68,19 @@ def own_threads():
 
 
 @pytest.mark.parametrize("n, sizes, threads, f64, expected", [
-    (128, [784, 256, 128, 10], 2, False, True),   # mnist: the deep layers on the kernel
+    (128, [784, 256, 128, 10], 2, False, True),   # mnist
     (32, [784, 128, 10], 2, False, True),
     (64, [300, 64, 10], 4, False, True),
+    (1024, [784, 256, 128, 10], 2, False, True),  # larger batches
+    (256, [64, 256, 256, 10], 2, False, True),    # shallow inputs, wide layers
+    (128, [784, 512, 512, 10], 2, False, True),
     (128, [784, 256, 128, 10], 1, False, False),  # BLAS on one thread: nothing to split
     (128, [784, 256, 128, 10], 2, True, False),   # float64
-    (256, [784, 256, 128, 10], 2, False, False),  # larger batches: BLAS's threads win
+    (2048, [784, 256, 128, 10], 2, False, False),
     (16, [784, 256, 128, 10], 2, False, False),
-    (32, [64, 32, 10], 2, False, False),           # shallow layers only: products of microseconds
-    (128, [784, 512, 512, 10], 2, False, False),  # a layer the kernel does not take
+    (32, [64, 32, 10], 2, False, False),           # products of microseconds
+    (256, [1024, 1024, 1024, 10], 2, False, False),  # a product of 2^28: BLAS's threads
+    (512, [4096, 4096, 4096], 2, False, False),
 ])
 def test_own_threads_rule(n, sizes, threads, f64, expected):
     assert _kernels._own_threads_takes(n, sizes, threads, f64) is (expected and KERNEL)

@@ -223,33 +223,38 @@ static long fbp_own_threads_calls = 0;
 /* Whether a call on batches of n rows through layers sizes[0] -> ... ->
  * sizes[n_layers] is faster on fastbp's own threads (_pool.h: BLAS on one thread,
  * every product split across the pool) than with BLAS's `threads` threads.
- * Measured on an AVX-512 machine (Intel Cascade Lake, 2 cores, SciPy's OpenBLAS
- * 0.3.30), steps against the default:
- * - the gain is the forward kernel's, split by rows (128 x 784 x 256: 227-232 us,
- *   against 327-348 for OpenBLAS's two threads); BLAS's products split in two
- *   break even with its own two threads at best;
- * - so: float32 batches of 32-128 rows where the one-thread rule takes every
- *   layer deeper than 128 inputs, and there is one: 784-128-10 on 32-64 rows
- *   1.10-1.26x, 784-256-128-10 on 32 rows 1.30x, on 64 rows 1.13x, on 128 rows
- *   1.04-1.11x (plain SGD; fit's default, SGD with momentum, 1.06-1.11x);
- * - not networks of shallow layers only (64-32-10: 0.81x, the products are a
- *   few microseconds), nor 256 rows or more (0.90-0.93x), nor layers the kernel
- *   does not take (784-512-512-10: 1.01x), nor float64 (784-256-128-10 on 32
- *   rows: 0.84x). */
+ * Measured on two AVX-512 machines, 2 cores, SciPy's OpenBLAS 0.3.30; steps,
+ * float32, plain SGD unless marked:
+ * - before the backward products had the kernel (Intel Cascade Lake), the gain
+ *   was the forward kernel's, split by rows (128 x 784 x 256: 227-232 us against
+ *   327-348 for OpenBLAS's two threads), on batches of 32-128 rows where it took
+ *   every deep layer: 784-128-10 on 32-64 rows 1.10-1.26x, 784-256-128-10 on
+ *   32-128 rows 1.04-1.30x; 256 rows and more lost (0.90-0.93x);
+ * - with the backward products on the kernel too (Intel Emerald Rapids), against
+ *   BLAS's threads: 784-256-128-10 on 192 rows 1.14x, on 256 rows 1.07x (with
+ *   momentum 1.17x), on 512 rows 1.08x, on 1,024 rows 1.09x; 784-128-10 on 256
+ *   rows 1.24x; 784-512-512-10 on 128 rows 1.12x, on 256 rows 1.04x; 784-1024-10
+ *   on 256 rows 1.04x; 64-256-256-10 on 256 rows 1.36x; and even: 64-128-10 on
+ *   128 rows 1.01x, 64-32-10 on 32 rows 1.00x (products of a few microseconds,
+ *   nothing to split), 1024-1024-1024-10 on 256 rows 1.01x and 4096-4096-4096 on
+ *   512 rows 1.00x (products of 2^28 multiply-adds and more, where BLAS's own
+ *   two threads do as well as two halves);
+ * - so: float32 batches of 32-1,024 rows with a layer of 2^20 multiply-adds or
+ *   more and none of 2^28 or more. Not float64 (784-256-128-10 on 32 rows 0.84x,
+ *   on the first machine), nor fewer than 32 rows. */
 static int fbp_pool_takes(ptrdiff_t n, ptrdiff_t n_layers, const ptrdiff_t *sizes, int f64,
                           int threads)
 {
-    int deep = 0;
-    if (fbp_tn_on != 1 || threads < 2 || f64 || n < 32 || n > 128)
+    int big = 0;
+    if (fbp_tn_on != 1 || threads < 2 || f64 || n < 32 || n > 1024)
         return 0;
     for (ptrdiff_t l = 0; l < n_layers; l++) {
-        if (sizes[l] <= 128)
-            continue;
-        if (!fbp_tn_takes_for(n, sizes[l], sizes[l + 1], 1, 0))
+        double mac = (double)n * (double)sizes[l] * (double)sizes[l + 1];
+        if (mac >= 268435456.0)
             return 0;
-        deep = 1;
+        big |= mac >= 1048576.0;
     }
-    return deep;
+    return big;
 }
 
 /* At the start of a whole-network call: when it runs on fastbp's own threads,

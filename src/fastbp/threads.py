@@ -11,13 +11,14 @@ than one level of parallelism:
   every product and, when BLAS has one thread, takes most forward products
   and the larger backward ones from it (it is faster than one-thread OpenBLAS
   there).
-- The training steps, epochs and gradients of networks that the forward kernel
-  suits (float32 batches of 32-128 rows whose layers of more than 128 inputs
-  it takes: MNIST-sized networks), and their forward passes of 32 rows or more
-  (``predict``, ``evaluate``, fit's validation), run on fastbp's own threads
-  instead, as many as BLAS has: for the length of the call, SciPy's OpenBLAS is set to one thread
-  and every product is split across fastbp's threads (1.04-1.30x faster steps
-  on two cores). That switch is visible to other Python threads that call
+- The training steps, epochs and gradients of float32 networks on batches of
+  32-1,024 rows with a layer of 2^20 multiply-adds or more and none of 2^28 or
+  more (MNIST-sized networks and up to a few thousand units per layer), and
+  their forward passes of 32 rows or more (``predict``, ``evaluate``, fit's
+  validation), run on fastbp's own threads instead, as many as BLAS has: for
+  the length of the call, SciPy's OpenBLAS is set to one thread and every
+  product is split across fastbp's threads (1.02-1.30x faster steps on two
+  cores). That switch is visible to other Python threads that call
   SciPy's BLAS at the same moment (their products run on one thread meanwhile),
   and a thread count changed by another thread during such a call is
   overwritten when it ends. With ``set_num_threads(1)``, with a BLAS other than
