@@ -299,8 +299,9 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
                 const floating* A, int lda, const floating* B, int ldb, floating beta,
                 floating* C, int ldc) noexcept nogil:
     """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T':
-    one BLAS call, or (inside a call on fastbp's own threads, _pool.h) one per part
-    of C across the pool. A GEMM is split where it is large enough (2^18
+    on _smallgemm.h's kernel where it takes the product (split across the pool by
+    itself); else one BLAS call, or (inside a call on fastbp's own threads,
+    _pool.h) one per part of C across the pool. A GEMM is split where it is large enough (2^18
     multiply-adds; BLAS too runs smaller ones on one thread), along C's longer side
     (each part then packs the smaller operand whole: measured the faster split)."""
     cdef _GemmJob j

@@ -4,7 +4,7 @@ Peers, all on the same batch: fastbp's reference backend (plain NumPy), a
 strong hand-written NumPy step (preallocated buffers, ``out=`` everywhere),
 PyTorch eager on the CPU when installed, and the GEMM floor (the step's GEMMs
 alone: forward, dW, and dX for all but the first layer, through the same
-product routines as the step, BLAS and the small-layer forward kernel, in one
+product routines as the step, BLAS and fastbp's own product kernel, in one
 compiled call). Also the per-step speed of the
 compiled epoch `fit` runs, and (``--memory``) allocations per step and the
 peak memory of a fit.
@@ -97,8 +97,8 @@ class NumpyStep:
 
 class GemmFloor:
     """The step's GEMMs alone (forward; dW; dX for all but the first layer), through
-    the product routines the step calls (BLAS; small forward products on
-    fastbp's own kernel), in one compiled call (`_kernels._gemm_floor`)."""
+    the product routines the step calls (BLAS, or fastbp's own kernel where it
+    takes a product), in one compiled call (`_kernels._gemm_floor`)."""
 
     def __init__(self, net, batch):
         from . import _kernels
@@ -188,12 +188,6 @@ def _round_times(candidates, seconds, block=0.1, pause=0.15):
         if time.perf_counter() > deadline and len(next(iter(samples.values()))) >= 3:
             break
     return samples
-
-
-def _median_times(candidates, seconds, block=0.1, pause=0.15):
-    """Per-call medians (seconds) of interleaved rounds; see `_round_times`."""
-    samples = _round_times(candidates, seconds, block, pause)
-    return {name: float(np.median(v)) for name, v in samples.items()}
 
 
 def _median_ratio(samples, num, den):
