@@ -1178,7 +1178,7 @@ def test_gradient_products_take_the_shapes_they_measured_faster_on():
             assert not takes(product, 64, 256, 64, threads, True)
         # on fastbp's own threads each part must pass 2^20
         assert takes(product, 64, 256, 64, 1) and not takes(product, 64, 256, 64, 1, parts=2)
-    # ... and a weight gradient needs 128 rows there (its writes to W cross cores)
+    # ... and a weight gradient needs 128 rows there (measured slower on fewer)
     assert takes("weights", 128, 784, 256, 1, parts=2)
     assert not takes("weights", 64, 784, 256, 1, parts=2)
     assert takes("inputs", 64, 784, 256, 1, parts=2)

@@ -180,12 +180,14 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int
  *   on, 0.5-1.1x); in float64 dgemm's two threads win or tie nearly everywhere.
  * - On fastbp's own threads (parts: the pool's thread count, BLAS on one thread)
  *   a product is split into parts, and each part must pass the lower bound. And
- *   a weight gradient there needs a batch of 128 rows or more: in a step both
- *   threads have just read W for the forward product, so each line of W that a
- *   folded update (or of dW) writes must first be taken from the other core's
- *   cache, and the fewer rows, the less work per line. Steps of 784-256-128-10
- *   with the weight gradients' kernel against BLAS's products split the same
- *   way: on 32 rows 0.90x, on 64 rows 0.98x, on 128 rows 1.035x.
+ *   a weight gradient there needs a batch of 128 rows or more. Steps of
+ *   784-256-128-10 with the weight gradients' kernel against BLAS's products
+ *   split the same way: on 32 rows 0.90x, on 64 rows 0.98x, on 128 rows 1.035x
+ *   (alone, the same product split the same way was faster than BLAS's. A
+ *   likely cause, not measured: in a step both threads have just read W for the
+ *   forward product, so each line of W that a folded update writes must first
+ *   be taken from the other core's cache; the fewer rows, the less work per
+ *   line. Splitting by rows or by columns of W made no difference).
  * (TT products do not occur in a layer: BLAS.) */
 static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
                                      ptrdiff_t K, int threads, int f64, int parts)
