@@ -301,9 +301,10 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
     """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T':
     on _smallgemm.h's kernel where it takes the product (split across the pool by
     itself); else one BLAS call, or (inside a call on fastbp's own threads,
-    _pool.h) one per part of C across the pool. A GEMM is split where it is large enough (2^18
-    multiply-adds; BLAS too runs smaller ones on one thread), along C's longer side
-    (each part then packs the smaller operand whole: measured the faster split)."""
+    _pool.h) one per part of C across the pool. A GEMM is split where it is large
+    enough (2^18 multiply-adds; BLAS too runs smaller ones on one thread), along
+    C's longer side (each part then packs the smaller operand whole: measured the
+    faster split)."""
     cdef _GemmJob j
     cdef int parts = fbp_pool_held, longer = M if M >= N else N
     if floating is float:

@@ -587,7 +587,7 @@ static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrd
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
     const NAME##_job *q = (const NAME##_job *)arg;                                       \
-    const ptrdiff_t by_rows = q->m >= 16, size = by_rows ? q->m : q->n;                  \
+    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q->m), size = by_rows ? q->m : q->n;     \
     const ptrdiff_t unit = by_rows ? 8 : 2 * L;                                          \
     ptrdiff_t lo = (size * part / parts + unit - 1) / unit * unit;                       \
     ptrdiff_t hi = part + 1 == parts ? size                                              \
@@ -606,7 +606,7 @@ static void NAME##_part(void *arg, int part, int parts)                         
  * is large enough to split (2^18 multiply-adds). */                                     \
 static void NAME##_run(NAME##_job *q)                                                    \
 {                                                                                        \
-    ptrdiff_t units = q->m >= 16 ? q->m / 8 : q->n / (2 * L);                            \
+    ptrdiff_t units = FBP_SPLIT_BY_ROWS(q->m) ? q->m / 8 : q->n / (2 * L);               \
     if (fbp_pool_held >= 2 && units >= 2                                                 \
         && (double)q->m * q->n * q->kdim >= 262144.0) {                                  \
         fbp_pool_run(NAME##_part, q, units < fbp_pool_held ? (int)units : fbp_pool_held); \
@@ -645,6 +645,10 @@ static int GEMM(char transa, char transb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
     NAME##_run(&q);                                                                      \
     return 1;                                                                            \
 }
+
+/* Whether a product split across the pool is split by rows of C (blocks of 8), else
+ * by columns (panels): NAME##_run counts the parts and NAME##_part cuts them. */
+#define FBP_SPLIT_BY_ROWS(m) ((m) >= 16)
 
 /* One case of NAME##_panel's switch. */
 #define FBP_TN_TAIL(NAME, R)                                                             \
