@@ -1268,3 +1268,48 @@ def test_cross_entropy_gradient_is_the_softmax_minus_one_hot_over_n(dtype, k, n)
         np.testing.assert_array_equal(dZ, expected)
         eloss = reference.softmax_cross_entropy(Z.astype(np.float64), y)
         assert_close(np.asarray(loss, dtype), eloss, scale=max(1.0, abs(eloss)))
+
+
+VECTOR_LOSS = _kernels._vector_loss()
+
+
+@pytest.fixture
+def vector_loss():
+    """Restores the vector-loss setting after a test that switches it."""
+    yield
+    _kernels._vector_loss(VECTOR_LOSS)
+
+
+@pytest.mark.skipif(not VECTOR_LOSS, reason="the CPU has no AVX-512: one version only")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_has_the_same_bits_on_avx512(dtype, vector_loss):
+    # The AVX-512 version of the narrow rows' loss (gathers and scatters, every
+    # lane one row) must give the portable version's bits: every block tail of
+    # both lane counts, every width up to 16, NaN and infinities, in place too.
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 8, 9, 15, 16, 17, 33, 130):
+        for k in (1, 2, 9, 10, 16):
+            Z = (rng.normal(size=(n, k)) * rng.choice([1.0, 30.0, 300.0])).astype(dtype)
+            if n >= 4:
+                Z[1, 0], Z[2, k - 1], Z[3, 0] = np.nan, np.inf, -np.inf
+            y = rng.integers(0, k, size=n)
+            results = []
+            for on in (False, True):
+                _kernels._vector_loss(on)
+                for in_place in (False, True):
+                    Zc = Z.copy()
+                    dZ = Zc if in_place else np.empty_like(Z)
+                    loss = _kernels.softmax_cross_entropy(Zc, y, dZ)
+                    results.append((np.float64(loss).tobytes(), dZ.tobytes()))
+            assert results[1:] == results[:1] * 3, (n, k)
+
+
+def test_vector_loss_switch(vector_loss):
+    assert _kernels._vector_loss(False) is VECTOR_LOSS
+    assert _kernels._vector_loss() is False
+    for bad in (1, "on", "always"):
+        with pytest.raises(ValueError, match="True or False"):
+            _kernels._vector_loss(bad)
+        assert _kernels._vector_loss() is False
+    if VECTOR_LOSS:
+        assert _kernels._vector_loss(True) is False and _kernels._vector_loss() is True

@@ -73,6 +73,8 @@ cdef extern from "_vecmath.h" nogil:
     double fbp_softmax_xent_f64(const double* Z, const int64_t* y, double* dZ, Py_ssize_t n,
                                 Py_ssize_t k, double scale)
     int FBP_SOFTMAX_NARROW
+    int fbp_vec512_on
+    int fbp_vec512_init()
     void fbp_tanh_f32(float* z, Py_ssize_t n)
     void fbp_tanh_f64(double* z, Py_ssize_t n)
     int fbp_max_exponent_f32(const float* x, Py_ssize_t n)
@@ -150,6 +152,7 @@ cdef extern from "_smallgemm.h" nogil:
 
 cnp.import_array()
 fbp_tn_init()
+fbp_vec512_init()
 fbp_tn_find_blas_threads(<const void*>sgemm)
 
 #: True when built with FASTBP_CYTHON_DEBUG=1 (bounds and initialisation checks on).
@@ -403,6 +406,23 @@ def _small_gemm(enabled=None):
             raise ValueError("the small-product kernel needs AVX-512, which this CPU lacks")
         fbp_tn_on = code
     return _SWITCH_MODES[before]
+
+
+def _vector_loss(enabled=None):
+    """Whether the softmax cross-entropy of rows of up to 16 classes runs its AVX-512
+    version (_vecmath.h; on where the CPU has AVX-512): the same bits as the portable
+    one. With an argument, switches it and returns the previous setting (tests
+    compare the two)."""
+    global fbp_vec512_on
+    cdef int before = fbp_vec512_on
+    if enabled is not None:
+        if not (enabled is True or enabled is False):
+            raise ValueError(f"the vector-loss setting is True or False, got {enabled!r}")
+        if enabled and not fbp_vec512_init():
+            fbp_vec512_on = before
+            raise ValueError("the vector loss needs AVX-512, which this CPU lacks")
+        fbp_vec512_on = int(enabled)
+    return bool(before)
 
 
 def _blas_threads():
