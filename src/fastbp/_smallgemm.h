@@ -292,21 +292,25 @@ static void fbp_threads_exit(int threads)
 /* P[k * pw + jj] = W[jj * n_in + k] for jj < w, and 0 for w <= jj < pw: rows
  * of W into columns of the panel P. Blocks of 8 x 8 floats (4 x 4 doubles)
  * are transposed in registers (a scalar copy cost as much as the product on
- * a 32-row batch; AVX's 256-bit shuffles suffice); the edges are copied one
- * by one. Shuffles issue on one port only (Intel), so the transposes trade
+ * a 32-row batch; AVX's 256-bit shuffles suffice). Columns of P past W's
+ * last row go through the same transposes from a row of zeros: copied one by
+ * one, the zero padding compiled to a memset call per row of P, and a last
+ * layer of 10 outputs (a panel of 16) took 2.5x as long as one of 16 (32x128
+ * by 128x10: 2.8 us against BLAS's 1.2). Shuffles issue on one port only (Intel), so the transposes trade
  * them for loads with 128-bit inserts and for blends, which issue on three:
  * 12 shuffles per 8 x 8 block instead of 24 packs 128 x 64 floats in 0.75 us
  * instead of 1.0 (a 32x64 by 64x128 forward product: 5.75 -> 5.26 us). */
-/* An 8 x 8 block of floats, rows r (ld apart), to columns of p (pw apart). */
+/* Columns k .. k + 7 of 8 rows of floats (r[i] + k) to 8 columns of p (pw apart). */
 __attribute__((target("avx512f"), always_inline))
-static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *p, ptrdiff_t pw)
+static inline void fbp_transpose_block_f32(const float *const *r, ptrdiff_t k, float *p,
+                                           ptrdiff_t pw)
 {
     /* columns k .. k + 3 of rows i and i + 4 in the low and high 128-bit lanes of
      * one register: the loads with inserts do what a third stage of cross-lane
      * shuffles would */
-#define FBP_ROWPAIR(i, k)                                                          \
-    _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r + (i) * ld + (k))), \
-                         _mm_loadu_ps(r + ((i) + 4) * ld + (k)), 1)
+#define FBP_ROWPAIR(i, c)                                                   \
+    _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[i] + k + (c))), \
+                         _mm_loadu_ps(r[(i) + 4] + k + (c)), 1)
     __m256 r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
     __m256 r2 = FBP_ROWPAIR(2, 0), r3 = FBP_ROWPAIR(3, 0);
     __m256 r4 = FBP_ROWPAIR(0, 4), r5 = FBP_ROWPAIR(1, 4);
@@ -331,13 +335,13 @@ static inline void fbp_transpose_block_f32(const float *r, ptrdiff_t ld, float *
 
 /* A 4 x 4 block of doubles, the same way. */
 __attribute__((target("avx512f"), always_inline))
-static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double *p,
+static inline void fbp_transpose_block_f64(const double *const *r, ptrdiff_t k, double *p,
                                            ptrdiff_t pw)
 {
-    /* columns k and k + 1 of rows i and i + 2, as above */
-#define FBP_ROWPAIR(i, k)                                                          \
-    _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r + (i) * ld + (k))), \
-                         _mm_loadu_pd(r + ((i) + 2) * ld + (k)), 1)
+    /* columns k + c and k + c + 1 of rows i and i + 2, as above */
+#define FBP_ROWPAIR(i, c)                                                   \
+    _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(r[i] + k + (c))), \
+                         _mm_loadu_pd(r[(i) + 2] + k + (c)), 1)
     __m256d r0 = FBP_ROWPAIR(0, 0), r1 = FBP_ROWPAIR(1, 0);
     __m256d r2 = FBP_ROWPAIR(0, 2), r3 = FBP_ROWPAIR(1, 2);
 #undef FBP_ROWPAIR
@@ -347,26 +351,28 @@ static inline void fbp_transpose_block_f64(const double *r, ptrdiff_t ld, double
     _mm256_storeu_pd(p + 3 * pw, _mm256_unpackhi_pd(r2, r3));
 }
 
-/* The packing itself, per dtype: blocks of B x B through the transposes above. */
+/* Zeros for the rows of a panel past W's last (FBP_TN_MAX_K: a panel's depth). */
+static const float fbp_zero_row_f32[FBP_TN_MAX_K] __attribute__((aligned(64)));
+static const double fbp_zero_row_f64[FBP_TN_MAX_K] __attribute__((aligned(64)));
+
+/* The packing itself, per dtype: groups of B columns of P (pw is a multiple of B),
+ * blocks of B x B through the transposes above, a depth kc not a multiple of B
+ * finished one by one. */
 #define FBP_DEFINE_PACK(T, S, B)                                                         \
 __attribute__((target("avx512f")))                                                       \
 static void fbp_pack_##S(const T *W, ptrdiff_t ld, ptrdiff_t kc, ptrdiff_t w, T *P,      \
                          ptrdiff_t pw)                                                   \
 {                                                                                        \
-    ptrdiff_t jj = 0, k;                                                                 \
-    for (; jj + B <= w; jj += B) {                                                       \
-        const T *r = W + jj * ld;                                                        \
-        for (k = 0; k + B <= kc; k += B)                                                 \
-            fbp_transpose_block_##S(r + k, ld, P + k * pw + jj, pw);                     \
+    for (ptrdiff_t jj = 0; jj < pw; jj += B) {                                           \
+        const T *r[B];                                                                   \
+        ptrdiff_t k = 0;                                                                 \
+        for (int c = 0; c < B; c++)                                                      \
+            r[c] = jj + c < w ? W + (jj + c) * ld : fbp_zero_row_##S;                    \
+        for (; k + B <= kc; k += B)                                                      \
+            fbp_transpose_block_##S(r, k, P + k * pw + jj, pw);                          \
         for (; k < kc; k++)                                                              \
-            for (ptrdiff_t c = 0; c < B; c++)                                            \
-                P[k * pw + jj + c] = r[c * ld + k];                                      \
-    }                                                                                    \
-    for (k = 0; jj < pw && k < kc; k++) {                                                \
-        for (ptrdiff_t c = jj; c < w; c++)                                               \
-            P[k * pw + c] = W[c * ld + k];                                               \
-        for (ptrdiff_t c = w > jj ? w : jj; c < pw; c++)                                 \
-            P[k * pw + c] = 0;                                                           \
+            for (int c = 0; c < B; c++)                                                  \
+                P[k * pw + jj + c] = r[c][k];                                            \
     }                                                                                    \
 }
 
