@@ -296,10 +296,11 @@ static void fbp_threads_exit(int threads)
  * last row go through the same transposes from a row of zeros: copied one by
  * one, the zero padding compiled to a memset call per row of P, and a last
  * layer of 10 outputs (a panel of 16) took 2.5x as long as one of 16 (32x128
- * by 128x10: 2.8 us against BLAS's 1.2). Shuffles issue on one port only (Intel), so the transposes trade
- * them for loads with 128-bit inserts and for blends, which issue on three:
- * 12 shuffles per 8 x 8 block instead of 24 packs 128 x 64 floats in 0.75 us
- * instead of 1.0 (a 32x64 by 64x128 forward product: 5.75 -> 5.26 us). */
+ * by 128x10: 2.8 us against BLAS's 1.2). Shuffles issue on one port only
+ * (Intel), so the transposes trade them for loads with 128-bit inserts and for
+ * blends, which issue on three: 12 shuffles per 8 x 8 block instead of 24
+ * packs 128 x 64 floats in 0.75 us instead of 1.0 (a 32x64 by 64x128 forward
+ * product: 5.75 -> 5.26 us). */
 /* Columns k .. k + 7 of 8 rows of floats (r[i] + k) to 8 columns of p (pw apart). */
 __attribute__((target("avx512f"), always_inline))
 static inline void fbp_transpose_block_f32(const float *const *r, ptrdiff_t k, float *p,

@@ -304,7 +304,8 @@ static inline __m512 fbp_expf_v16(__m512 x)
     __m512 p = _mm512_set1_ps((float)(1.0 / 5040));
     for (int i = 0; i < 7; i++)
         p = _mm512_add_ps(_mm512_set1_ps(c[i]), _mm512_mul_ps(r, p));
-    __m512i k1 = _mm512_srai_epi32(ki, 1), k2 = _mm512_sub_epi32(ki, k1), bias = _mm512_set1_epi32(127);
+    __m512i k1 = _mm512_srai_epi32(ki, 1), k2 = _mm512_sub_epi32(ki, k1);
+    __m512i bias = _mm512_set1_epi32(127);
     __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, bias), 23));
     __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k2, bias), 23));
     return _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
@@ -327,7 +328,8 @@ static inline __m512d fbp_exp_v8(__m512d x)
     __m512d p = _mm512_set1_pd(1.0 / 6227020800.0);
     for (int i = 0; i < 13; i++)
         p = _mm512_add_pd(_mm512_set1_pd(c[i]), _mm512_mul_pd(r, p));
-    __m512i k1 = _mm512_srai_epi64(ki, 1), k2 = _mm512_sub_epi64(ki, k1), bias = _mm512_set1_epi64(1023);
+    __m512i k1 = _mm512_srai_epi64(ki, 1), k2 = _mm512_sub_epi64(ki, k1);
+    __m512i bias = _mm512_set1_epi64(1023);
     __m512d s1 = _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(k1, bias), 52));
     __m512d s2 = _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(k2, bias), 52));
     return _mm512_mul_pd(_mm512_mul_pd(p, s1), s2);
