@@ -1182,7 +1182,16 @@ def test_gradient_products_take_the_shapes_they_measured_faster_on():
     assert takes("weights", 128, 784, 256, 1, parts=2)
     assert not takes("weights", 64, 784, 256, 1, parts=2)
     assert takes("inputs", 64, 784, 256, 1, parts=2)
-    with pytest.raises(ValueError, match="'weights' or 'inputs'"):
+    # with SGD's momentum folded in: where the plain product goes, on a batch that
+    # fits one panel (128 rows), and on fastbp's own threads from 64 rows
+    for shape in [(128, 784, 256), (64, 256, 64), (8, 1024, 128), (128, 256, 128)]:
+        for threads in (0, 1, 2):
+            assert takes("momentum", *shape, threads) is takes("weights", *shape, threads), shape
+    assert not takes("momentum", 256, 1024, 256, 1)  # two panels: a pass of its own
+    assert takes("weights", 256, 1024, 256, 1)
+    assert takes("momentum", 64, 784, 256, 1, parts=2)
+    assert not takes("momentum", 32, 784, 256, 1, parts=2)
+    with pytest.raises(ValueError, match="'weights', 'momentum' or 'inputs'"):
         takes("bias", 128, 784, 256, 1)
 
 
@@ -1249,6 +1258,47 @@ def test_sgd_step_with_every_product_on_the_kernel(small_kernel, dtype, n, momen
                    momentum=momentum)
 
 
+@needs_small_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 61, 300])  # 300 rows: dW's inner dimension in three panels
+@pytest.mark.parametrize("first_step, dampening", [(True, 0.0), (False, 0.0), (False, 0.3)])
+def test_momentum_folded_into_the_weight_gradient_has_the_bits_of_the_update(
+        small_kernel, dtype, n, first_step, dampening):
+    # With momentum, the kernel applies buf = momentum * buf + (1 - dampening) * dW and
+    # W -= lr * buf to each element of dW as it is made (the gradient never stored):
+    # the same bits as the gradient (on the same kernel) followed by sgd_update.
+    _kernels._small_gemm("always")
+    rng = np.random.default_rng(n)
+    sizes, acts = (37, 150, 33, 3), ("relu", "tanh")
+    n_params = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    X = rng.normal(size=(n, sizes[0])).astype(dtype)
+    labels = rng.integers(0, sizes[-1], size=n)
+    params = (rng.normal(size=n_params) * 0.2).astype(dtype)
+    buf = rng.normal(size=n_params).astype(dtype)
+    work = sum(n * b for b in sizes[1:])
+    A, D, grad = np.empty(work, dtype), np.empty(work, dtype), np.empty(n_params, dtype)
+    lr, momentum = 0.05, 0.9
+    _kernels.mlp_gradients(X, labels, None, params, sizes, acts, "cross_entropy", "identity", A,
+                           D, grad)
+    expected_params, expected_buf = params.copy(), buf.copy()
+    _kernels.sgd_update(expected_params, grad, expected_buf, lr, momentum, dampening,
+                        first_step=first_step)
+    unfolded_params, unfolded_buf = params.copy(), buf.copy()
+    _kernels.mlp_sgd_step(X, labels, None, params, sizes, acts, "cross_entropy", "identity", A, D,
+                          grad, buf, lr, momentum, dampening, first_step=first_step)
+    assert params.tobytes() == expected_params.tobytes()
+    assert buf.tobytes() == expected_buf.tobytes()
+    assert _kernels._fold_momentum(False) is True
+    try:
+        _kernels.mlp_sgd_step(X, labels, None, unfolded_params, sizes, acts, "cross_entropy",
+                              "identity", A, D, grad, unfolded_buf, lr, momentum, dampening,
+                              first_step=first_step)
+    finally:
+        _kernels._fold_momentum(True)
+    assert unfolded_params.tobytes() == params.tobytes()
+    assert unfolded_buf.tobytes() == buf.tobytes()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 10, 16, 17, 33])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 37, 130])
@@ -1302,6 +1352,19 @@ def test_cross_entropy_has_the_same_bits_on_avx512(dtype, vector_loss):
                     loss = _kernels.softmax_cross_entropy(Zc, y, dZ)
                     results.append((np.float64(loss).tobytes(), dZ.tobytes()))
             assert results[1:] == results[:1] * 3, (n, k)
+
+
+def test_fold_momentum_switch():
+    before = _kernels._fold_momentum()
+    try:
+        assert _kernels._fold_momentum(False) is before and _kernels._fold_momentum() is False
+        for bad in (1, "on"):
+            with pytest.raises(ValueError, match="True or False"):
+                _kernels._fold_momentum(bad)
+            assert _kernels._fold_momentum() is False
+        assert _kernels._fold_momentum(True) is False and _kernels._fold_momentum() is True
+    finally:
+        _kernels._fold_momentum(before)
 
 
 def test_vector_loss_switch(vector_loss):

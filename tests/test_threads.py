@@ -172,6 +172,32 @@ def test_own_threads_products_are_bitwise_the_kernels(own_threads):
         _kernels._small_gemm(before)
 
 
+def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads):
+    # the momentum update folded into each part of a split weight gradient: the
+    # parameters and buffer after a step have the bits of the one-thread kernel's
+    if not KERNEL:
+        pytest.skip("the kernel needs AVX-512")
+    before = _kernels._small_gemm("always")
+    try:
+        results = []
+        for mode in (False, "always"):
+            _kernels._own_threads(mode)
+            fastbp.set_num_threads(2)
+            rng = np.random.default_rng(3)
+            X = rng.normal(size=(100, 300)).astype(np.float32)  # one panel deep: folded
+            y = rng.integers(0, 10, size=100)
+            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
+            opt = fastbp.SGD(net.params, lr=0.05, momentum=0.9)
+            calls = _kernels._own_threads_calls()
+            for _ in range(2):  # the first step, then the steady state
+                net.step(X, y, opt)
+            assert _kernels._own_threads_calls() - calls == 2 * (mode == "always")
+            results.append((net.params.tobytes(), opt.momentum_buffer.tobytes()))
+        assert results[0] == results[1]
+    finally:
+        _kernels._small_gemm(before)
+
+
 @pytest.mark.parametrize("how", ["step", "fit"])
 def test_own_threads_refused_step_restores_blas(own_threads, how):
     # a step whose loss overflows is refused: nothing changes, BLAS's threads are back

@@ -127,6 +127,8 @@ cdef extern from "_smallgemm.h" nogil:
     int (*fbp_blas_threads)()
     int fbp_tn_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int f64)
     int fbp_tn_takes_for(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, int threads, int f64)
+    int fbp_gemm_sgd_takes_for(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int threads, int f64,
+                               int parts)
     int fbp_gemm_takes_for(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                            int threads, int f64, int parts)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
@@ -139,6 +141,14 @@ cdef extern from "_smallgemm.h" nogil:
     int fbp_gemm_f64(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                      double alpha, const double* A, Py_ssize_t lda, const double* B,
                      Py_ssize_t ldb, double beta, double* C, Py_ssize_t ldc)
+    int fbp_fold_momentum
+    int fbp_gemm_sgd_f32(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A, Py_ssize_t lda,
+                         const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc, float* param,
+                         float* buf, float lr, float momentum, float dc, int first)
+    int fbp_gemm_sgd_f64(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const double* A,
+                         Py_ssize_t lda, const double* B, Py_ssize_t ldb, double* C,
+                         Py_ssize_t ldc, double* param, double* buf, double lr, double momentum,
+                         double dc, int first)
     # fastbp's own threads for whole-network calls (_pool.h; the rule in _smallgemm.h)
     ctypedef void (*fbp_part_fn)(void* arg, int part, int parts) noexcept nogil
     int fbp_own_threads
@@ -327,6 +337,22 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
     _gemm_blas(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
 
 
+cdef inline bint _gemm_sgd(int M, int N, int K, const floating* A, int lda, const floating* B,
+                           int ldb, floating* C, floating* param, floating* buf, floating lr,
+                           floating momentum, floating dampening_complement,
+                           bint first_step) noexcept nogil:
+    """A layer's weight gradient ``dW (M x N) = A.T @ B`` (A (K x M), B (K x N)) and
+    torch.optim.SGD's momentum update of its W (param) and buffer, in one pass on
+    _smallgemm.h's kernel where it takes the product (`fbp_gemm_sgd_*`): the same
+    bits as `_gemm` then `_sgd_loop`; C (M x N) is scratch. False: nothing was done."""
+    if floating is float:
+        return fbp_gemm_sgd_f32(M, N, K, A, lda, B, ldb, C, N, param, buf, lr, momentum,
+                                dampening_complement, first_step)
+    else:
+        return fbp_gemm_sgd_f64(M, N, K, A, lda, B, ldb, C, N, param, buf, lr, momentum,
+                                dampening_complement, first_step)
+
+
 cdef void _gemm_blas(char transa, char transb, int M, int N, int K, floating alpha,
                      const floating* A, int lda, const floating* B, int ldb, floating beta,
                      floating* C, int ldc) noexcept nogil:
@@ -425,6 +451,21 @@ def _vector_loss(enabled=None):
     return bool(before)
 
 
+def _fold_momentum(enabled=None):
+    """Whether a weight gradient made on _smallgemm.h's kernel takes SGD's momentum
+    update along (the gradient never stored), where its batch fits one panel of
+    the kernel (128 rows); else the update is a pass of its own. The same bits
+    either way. With an argument, switches it and returns the previous setting
+    (tests and benchmarks compare the two)."""
+    global fbp_fold_momentum
+    cdef int before = fbp_fold_momentum
+    if enabled is not None:
+        if not (enabled is True or enabled is False):
+            raise ValueError(f"the fold-momentum setting is True or False, got {enabled!r}")
+        fbp_fold_momentum = int(enabled)
+    return bool(before)
+
+
 def _blas_threads():
     """The thread count of the BLAS that the kernels call, as _smallgemm.h reads it
     to choose between its kernel and BLAS; None where it found no way to read it."""
@@ -474,14 +515,17 @@ def _small_gemm_takes(Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out, blas_thre
 def _gradient_product_takes(str product, Py_ssize_t n, Py_ssize_t n_in, Py_ssize_t n_out,
                             int blas_threads, bint f64=False, int parts=1):
     """Whether a layer's backward product runs on _smallgemm.h's kernel (when it is
-    on) rather than BLAS: product "weights" (dW = dZ.T @ X) or "inputs"
-    (dX = dZ @ W) on a batch of n rows, BLAS on `blas_threads` threads (0:
-    unknown), inside a call split into `parts` parts on fastbp's own threads."""
+    on) rather than BLAS: product "weights" (dW = dZ.T @ X), "momentum" (dW with
+    SGD's momentum update folded in) or "inputs" (dX = dZ @ W) on a batch of n
+    rows, BLAS on `blas_threads` threads (0: unknown), inside a call split into
+    `parts` parts on fastbp's own threads."""
     if product == "weights":
         return bool(fbp_gemm_takes_for(c'T', c'N', n_out, n_in, n, blas_threads, f64, parts))
+    if product == "momentum":
+        return bool(fbp_gemm_sgd_takes_for(n_out, n_in, n, blas_threads, f64, parts))
     if product == "inputs":
         return bool(fbp_gemm_takes_for(c'N', c'N', n, n_in, n_out, blas_threads, f64, parts))
-    raise ValueError(f"product is 'weights' or 'inputs', got {product!r}")
+    raise ValueError(f"product is 'weights', 'momentum' or 'inputs', got {product!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -1297,10 +1341,13 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
 
     Plain SGD folds the update into the weight-gradient GEMM,
     ``W += -lr * dZ.T @ X`` (beta = 1): the gradient is never written out nor
-    read back (12-20% faster steps on the bench workloads). With momentum each
-    layer's gradient goes through `_sgd_loop` right after its GEMM, while it is
-    in cache (folding ``buf = momentum * buf + dW`` into the GEMM measured no
-    faster: BLAS scales C in a pass of its own first).
+    read back (12-20% faster steps on the bench workloads). With momentum, where
+    _smallgemm.h's kernel makes a layer's gradient on a batch of up to 128 rows,
+    the update of W and its buffer is folded into the product the same way
+    (`_gemm_sgd`: 1.03-1.04x on 64-128 rows); elsewhere each layer's gradient
+    goes through `_sgd_loop` right after its GEMM, while it is in cache (folding
+    ``buf = momentum * buf + dW`` into a BLAS GEMM measured no faster: BLAS
+    scales C in a pass of its own first).
 
     Neither path checks the gradient itself. All deltas are computed first,
     through the old weights, and checked instead: a non-finite dZ or layer
@@ -1345,11 +1392,19 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
             for i in range(n_out):
                 bb[i] = bb[i] - lr * g[i]
         else:
-            # beta = momentum in the GEMM measured no faster than this: BLAS
-            # scales C in a pass of its own before accumulating into it
-            _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, D + a_off[l], <int>n_out, prev,
-                  <int>n_in, 0, grad + w_off[l], <int>n_in)
+            # the momentum update of W folded into its gradient's product where
+            # fastbp's kernel makes it (the gradient is never written out nor read
+            # back); else the product, then the update while it is in cache (beta
+            # = momentum in a BLAS GEMM measured no faster: BLAS scales C in a
+            # pass of its own before accumulating into it)
             lo, hi = w_off[l], w_off[l + 1]
+            if _gemm_sgd(<int>n_out, <int>n_in, <int>n, D + a_off[l], <int>n_out, prev,
+                         <int>n_in, grad + lo, params + lo, buf + lo, lr, momentum,
+                         dampening_complement, first_step):
+                lo += n_out * n_in  # the bias is left
+            else:
+                _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, D + a_off[l], <int>n_out,
+                      prev, <int>n_in, 0, grad + lo, <int>n_in)
             _sgd_loop(params + lo, grad + lo, buf + lo, hi - lo, lr, momentum,
                       dampening_complement, False, 0, False, first_step)
     return 0
