@@ -125,6 +125,31 @@ def test_bench_prints_a_table_and_writes_json(tmp_path):
         assert r["rounds"] >= 3 and all(v > 0 for v in r["speedup"].values())
 
 
+def test_bench_fit_on_digits_against_scikit_learn(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "bench.json"
+    result = run("bench", "--workloads", "tiny", "--seconds", "0.05", "--fit", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "fit on digits" in result.stdout and "MLPClassifier" in result.stdout
+    import json
+
+    fit = json.loads(out.read_text())["fit_digits"]
+    assert fit["rounds"] >= 3 and fit["speedup"] > 0
+    assert set(fit["seconds"]) == {"fastbp", "sklearn"} and min(fit["seconds"].values()) > 0
+    # the training issue's settings reach 97% on the held-out quarter with either
+    assert min(fit["test_accuracy"].values()) >= 0.97
+
+
+def test_bench_fit_without_scikit_learn(monkeypatch, capsys):
+    import sys
+
+    from fastbp import bench
+
+    monkeypatch.setitem(sys.modules, "sklearn.neural_network", None)  # import fails
+    assert bench.fit_digits_row(0.01) is None
+    assert "scikit-learn is not installed" in bench.format_fit(None)
+
+
 def test_bench_ratios_are_taken_within_rounds():
     from fastbp.bench import _median_ratio
 

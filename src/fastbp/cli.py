@@ -203,6 +203,9 @@ def build_parser():
     bench.add_argument("--dtype", default="float32", help="float32, float64 or both, comma-separated")
     bench.add_argument("--seconds", type=float, default=1.0, help="measuring time per workload")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--fit", action="store_true",
+                       help="also fit on scikit-learn's digits against its MLPClassifier "
+                            "(interleaved rounds; needs scikit-learn)")
     bench.add_argument("--memory", action="store_true",
                        help="also measure allocations per step and a fit's peak memory (tracemalloc)")
     bench.add_argument("--threads", type=_positive_int,
