@@ -223,9 +223,10 @@ static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrd
  * and a pass of its own), and on fastbp's own threads from batches of 64 rows,
  * where the update is made on the thread that made its part of the gradient
  * (against BLAS's parts then a pass split its own way, in-process, Emerald
- * Rapids: 784-256-128-10 on 64 rows 1.128x, 784-128-10 1.042x; on 32 rows 0.957-
- * 0.964x). On one thread: 784-256-128-10 on 32 rows 1.12x, on 128 rows 1.032x
- * (and 1.033x on the pool), 784-128-10 on 64 rows 1.040x. */
+ * Rapids, two runs: 784-256-128-10 on 64 rows 1.037x and 1.128x, 784-128-10
+ * 1.032x and 1.042x; on 32 rows 0.957-0.964x). On one thread: 784-256-128-10 on
+ * 32 rows 1.12x, on 128 rows 1.032x (and 1.033x on the pool), 784-128-10 on 64
+ * rows 1.040x. */
 static inline int fbp_gemm_sgd_takes_for(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads,
                                          int f64, int parts)
 {
