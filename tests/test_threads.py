@@ -146,56 +146,56 @@ def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
         np.testing.assert_allclose(net.params, reference.params, rtol=1e-4, atol=1e-6)
 
 
+def _bits_with_and_without_own_threads(rows, run, calls):
+    """run(X, y) -> a list of arrays, on a 300-512-10 float32 network and a batch of
+    `rows` rows, every product on the kernel: first on one thread (BLAS's threads,
+    which the kernel does not use), then split across fastbp's pool, which must
+    take `calls` calls. Returns the two runs' bytes."""
+    if not KERNEL:
+        pytest.skip("the kernel needs AVX-512")
+    before = _kernels._small_gemm("always")
+    try:
+        results = []
+        for mode in (False, "always"):
+            _kernels._own_threads(mode)
+            fastbp.set_num_threads(2)
+            rng = np.random.default_rng(rows)
+            X = rng.normal(size=(rows, 300)).astype(np.float32)
+            y = rng.integers(0, 10, size=rows)
+            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
+            before_calls = _kernels._own_threads_calls()
+            results.append([np.asarray(a).tobytes() for a in run(net, X, y)])
+            assert _kernels._own_threads_calls() - before_calls == calls * (mode == "always")
+        return results
+    finally:
+        _kernels._small_gemm(before)
+
+
 def test_own_threads_products_are_bitwise_the_kernels(own_threads):
     # the kernel's products split across the pool: every element the same FMA chain,
     # so the loss and the gradients have the bits of the one-thread kernel. With
     # 61 rows (uneven parts): the forward products and dX split by rows, dW of the
     # first layer by its 512 rows, dW of the last (10 x 512) by its columns
-    if not KERNEL:
-        pytest.skip("the kernel needs AVX-512")
-    before = _kernels._small_gemm("always")
-    try:
-        results = []
-        for mode in (False, "always"):
-            _kernels._own_threads(mode)
-            fastbp.set_num_threads(2)
-            rng = np.random.default_rng(2)
-            X = rng.normal(size=(61, 300)).astype(np.float32)
-            y = rng.integers(0, 10, size=61)
-            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
-            calls = _kernels._own_threads_calls()
-            loss, dW, db = net.gradients(X, y)
-            assert _kernels._own_threads_calls() - calls == (mode == "always")
-            results.append([np.float32(loss).tobytes()] + [g.tobytes() for g in dW + db])
-        assert results[0] == results[1]
-    finally:
-        _kernels._small_gemm(before)
+    def gradients(net, X, y):
+        loss, dW, db = net.gradients(X, y)
+        return [np.float32(loss)] + dW + db
+
+    one, pool = _bits_with_and_without_own_threads(61, gradients, calls=1)
+    assert one == pool
 
 
 def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads):
-    # the momentum update folded into each part of a split weight gradient: the
-    # parameters and buffer after a step have the bits of the one-thread kernel's
-    if not KERNEL:
-        pytest.skip("the kernel needs AVX-512")
-    before = _kernels._small_gemm("always")
-    try:
-        results = []
-        for mode in (False, "always"):
-            _kernels._own_threads(mode)
-            fastbp.set_num_threads(2)
-            rng = np.random.default_rng(3)
-            X = rng.normal(size=(100, 300)).astype(np.float32)  # one panel deep: folded
-            y = rng.integers(0, 10, size=100)
-            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
-            opt = fastbp.SGD(net.params, lr=0.05, momentum=0.9)
-            calls = _kernels._own_threads_calls()
-            for _ in range(2):  # the first step, then the steady state
-                net.step(X, y, opt)
-            assert _kernels._own_threads_calls() - calls == 2 * (mode == "always")
-            results.append((net.params.tobytes(), opt.momentum_buffer.tobytes()))
-        assert results[0] == results[1]
-    finally:
-        _kernels._small_gemm(before)
+    # the momentum update folded into each part of a split weight gradient (a batch
+    # one panel deep): the parameters and buffer after a first and a steady-state
+    # step have the bits of the one-thread kernel's
+    def steps(net, X, y):
+        opt = fastbp.SGD(net.params, lr=0.05, momentum=0.9)
+        for _ in range(2):
+            net.step(X, y, opt)
+        return [net.params, opt.momentum_buffer]
+
+    one, pool = _bits_with_and_without_own_threads(100, steps, calls=2)
+    assert one == pool
 
 
 @pytest.mark.parametrize("how", ["step", "fit"])

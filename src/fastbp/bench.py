@@ -249,41 +249,62 @@ def run(workloads=("tiny", "small", "mnist"), dtypes=("float32",), seconds=1.0):
     return rows
 
 
-def fit_digits_row(seconds=10.0):
-    """fit on scikit-learn's digits against scikit-learn's MLPClassifier, both fits
-    timed in interleaved rounds (the training issue's settings: 75/25 stratified
-    split, standardised, 64-128-10 relu, SGD lr 0.05 momentum 0.9 without
-    Nesterov, batch 32, 30 epochs, no L2, no early stopping; each fit followed by
-    its test accuracy). None when scikit-learn is not installed."""
-    try:
-        from sklearn.neural_network import MLPClassifier
-    except ImportError:
-        return None
-    import warnings
-
+def digits_split():
+    """scikit-learn's digits as the training issue uses them: a 75/25 stratified
+    split (seed 0), standardised with the training part's statistics. Returns
+    X_train, X_test, y_train, y_test (needs scikit-learn)."""
     from .datasets import load_digits, standardize, train_test_split
 
     X, y = load_digits()
     X_train, X_test, y_train, y_test = train_test_split(X, y, 0.25, stratify=True, seed=0)
     X_train, mean, std = standardize(X_train)
     X_test, _, _ = standardize(X_test, mean, std)
+    return X_train, X_test, y_train, y_test
+
+
+def fit_digits_fastbp(X_train, y_train, backend="cython"):
+    """fastbp's fit with the training issue's settings: 64-128-10 relu, SGD lr 0.05,
+    momentum 0.9 without Nesterov, batch 32, 30 epochs."""
+    net = MLP([64, 128, 10], activation="relu", seed=0, backend=backend)
+    net.fit(X_train, y_train, epochs=30, batch_size=32,
+            optimizer=SGD(net.params, lr=0.05, momentum=0.9))
+    return net
+
+
+def fit_digits_sklearn(X_train, y_train):
+    """scikit-learn's MLPClassifier with the same settings (no L2, no early
+    stopping; it warns that 30 iterations did not converge, as intended)."""
+    import warnings
+
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=(128,), activation="relu", solver="sgd", alpha=0.0,
+                        batch_size=32, learning_rate_init=0.05, momentum=0.9,
+                        nesterovs_momentum=False, max_iter=30, early_stopping=False,
+                        n_iter_no_change=10**9, tol=0.0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iter reached: intended
+        clf.fit(X_train, y_train)
+    return clf
+
+
+def fit_digits_row(seconds=10.0):
+    """fit on scikit-learn's digits against scikit-learn's MLPClassifier, both fits
+    (`fit_digits_fastbp`, `fit_digits_sklearn`, each followed by its test
+    accuracy) timed in interleaved rounds. None when scikit-learn is not
+    installed."""
+    try:
+        import sklearn.neural_network  # noqa: F401
+    except ImportError:
+        return None
+    X_train, X_test, y_train, y_test = digits_split()
     scores = {"fastbp": [], "sklearn": []}
 
     def fastbp_fit():
-        net = MLP([64, 128, 10], activation="relu", seed=0)
-        net.fit(X_train, y_train, epochs=30, batch_size=32,
-                optimizer=SGD(net.params, lr=0.05, momentum=0.9))
-        scores["fastbp"].append(net.score(X_test, y_test))
+        scores["fastbp"].append(fit_digits_fastbp(X_train, y_train).score(X_test, y_test))
 
     def sklearn_fit():
-        clf = MLPClassifier(hidden_layer_sizes=(128,), activation="relu", solver="sgd", alpha=0.0,
-                            batch_size=32, learning_rate_init=0.05, momentum=0.9,
-                            nesterovs_momentum=False, max_iter=30, early_stopping=False,
-                            n_iter_no_change=10**9, tol=0.0, random_state=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # max_iter reached: intended
-            clf.fit(X_train, y_train)
-        scores["sklearn"].append(clf.score(X_test, y_test))
+        scores["sklearn"].append(fit_digits_sklearn(X_train, y_train).score(X_test, y_test))
 
     samples = _round_times({"fastbp": (fastbp_fit, ()), "sklearn": (sklearn_fit, ())}, seconds,
                            block=0.0)
