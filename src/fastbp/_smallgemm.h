@@ -242,6 +242,15 @@ static inline int fbp_gemm_takes(char transa, char transb, ptrdiff_t M, ptrdiff_
                               fbp_pool_held);
 }
 
+/* The kernel's choice for the next folded weight gradient (in the tests' mode, any
+ * batch of one panel). */
+static inline int fbp_gemm_sgd_takes(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int f64)
+{
+    if (fbp_tn_on == 2)
+        return K >= 1 && K <= FBP_TN_MAX_K;
+    return fbp_gemm_sgd_takes_for(M, N, K, FBP_TN_READ_THREADS, f64, fbp_pool_held);
+}
+
 /* 1: a whole-network call (a step, an epoch, a gradient) runs on fastbp's own
  * threads where fbp_pool_takes says; 2: wherever BLAS has several threads (tests);
  * 0: never. Tests and benchmarks switch it. */
@@ -410,8 +419,7 @@ FBP_DEFINE_PACK(double, f64, 4)
 /* fbp_tn_on = 1 if the CPU has AVX-512 (the kernel's instructions), else 0. */
 static int fbp_tn_init(void)
 {
-    __builtin_cpu_init();
-    fbp_tn_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    fbp_tn_on = fbp_cpu_avx512();
     return fbp_tn_on;
 }
 
@@ -724,10 +732,8 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
     NAME##_upd u = {C, param, buf, lr, momentum, dc, first};                             \
     NAME##_job q = {A, 1, lda, B, ldb, 1, C, ldc, M, N, K, 1, 0, NULL, FBP_IDENTITY, 0,   \
                     &u};                                                                 \
-    if (!fbp_tn_on || !fbp_fold_momentum || M < 1 || N < 1 || K < 1 || K > FBP_TN_MAX_K  \
-        || (fbp_tn_on == 1                                                               \
-            && !fbp_gemm_sgd_takes_for(M, N, K, FBP_TN_READ_THREADS, sizeof(T) == 8,     \
-                                       fbp_pool_held)))                                  \
+    if (!fbp_tn_on || !fbp_fold_momentum || M < 1 || N < 1 || K < 1                      \
+        || !fbp_gemm_sgd_takes(M, N, K, sizeof(T) == 8))                                 \
         return 0;                                                                        \
     NAME##_run(&q);                                                                      \
     return 1;                                                                            \

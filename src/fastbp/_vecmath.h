@@ -285,6 +285,14 @@ static int fbp_vec512_on = 0;
 #include <immintrin.h>
 #define FBP_HAVE_VEC512 1
 
+/* Whether the CPU (and the OS's saving of its registers) has AVX-512F, which every
+ * AVX-512 kernel here and in _smallgemm.h needs; read when the module loads. */
+static int fbp_cpu_avx512(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? 1 : 0;
+}
+
 /* fbp_expf and fbp_exp on AVX-512 vectors: the same operations in the same order
  * (no FMA), so the same bits in every lane. min(c, x) is x > c ? c : x and max(c, x)
  * is x < c ? c : x, NaN passing through as in the scalar selects. */
@@ -384,13 +392,13 @@ static double fbp_softmax_xent512_##S(const T *Z, const int64_t *y, T *dZ, ptrdi
     const V vs = _mm512_set1_##P(scale);                                                 \
     V t[FBP_SOFTMAX_NARROW];                                                             \
     T m_[L], s_[L], zy_[L];                                                              \
+    const __typeof__(fbp_rows_v##L(0)) rows = fbp_rows_v##L(kk);                         \
     double total = 0;                                                                    \
     for (ptrdiff_t i0 = 0; i0 < n; i0 += L) {                                            \
         const int R = n - i0 < L ? (int)(n - i0) : L;                                    \
         const M live = (M)(R == L ? ~0u : (1u << R) - 1u);                               \
         const T *z = Z + i0 * k;                                                         \
         T *o = dZ + i0 * k;                                                              \
-        const __typeof__(fbp_rows_v##L(0)) rows = fbp_rows_v##L(kk);                     \
         const __typeof__(rows) yv = fbp_labels_v##L(y + i0, live);                       \
         /* Z[i, y[i]] before dZ (which may be Z) is written */                           \
         V zy = _mm512_mask_i32gather_##P(zero, live, FBP_IADDV_##L(rows, yv), z, sizeof(T)); \
@@ -427,8 +435,7 @@ FBP_DEFINE_XENT512(double, f64, __m512d, 8, __mmask8, pd, fbp_exp_v8, log)
 static int fbp_vec512_init(void)
 {
 #ifdef FBP_HAVE_VEC512
-    __builtin_cpu_init();
-    fbp_vec512_on = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    fbp_vec512_on = fbp_cpu_avx512();
 #endif
     return fbp_vec512_on;
 }
