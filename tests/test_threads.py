@@ -149,15 +149,17 @@ def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
 def _bits_with_and_without_own_threads(rows, run, calls):
     """run(X, y) -> a list of arrays, on a 300-512-10 float32 network and a batch of
     `rows` rows, every product on the kernel: first on one thread (BLAS's threads,
-    which the kernel does not use), then split across fastbp's pool, which must
-    take `calls` calls. Returns the two runs' bytes."""
+    which the kernel does not use), then split across fastbp's pool by the layers'
+    units, then by the batch's rows (`_split_by_units`); the pool must take `calls`
+    calls. Returns the three runs' bytes."""
     if not KERNEL:
         pytest.skip("the kernel needs AVX-512")
-    before = _kernels._small_gemm("always")
+    before = _kernels._small_gemm("always"), _kernels._split_by_units()
     try:
         results = []
-        for mode in (False, "always"):
+        for mode, units in ((False, True), ("always", True), ("always", False)):
             _kernels._own_threads(mode)
+            _kernels._split_by_units(units)
             fastbp.set_num_threads(2)
             rng = np.random.default_rng(rows)
             X = rng.normal(size=(rows, 300)).astype(np.float32)
@@ -168,34 +170,84 @@ def _bits_with_and_without_own_threads(rows, run, calls):
             assert _kernels._own_threads_calls() - before_calls == calls * (mode == "always")
         return results
     finally:
-        _kernels._small_gemm(before)
+        _kernels._small_gemm(before[0])
+        _kernels._split_by_units(before[1])
 
 
 def test_own_threads_products_are_bitwise_the_kernels(own_threads):
     # the kernel's products split across the pool: every element the same FMA chain,
     # so the loss and the gradients have the bits of the one-thread kernel. With
-    # 61 rows (uneven parts): the forward products and dX split by rows, dW of the
-    # first layer by its 512 rows, dW of the last (10 x 512) by its columns
+    # 61 rows (uneven parts): the forward products split by the layers' units (or
+    # by rows), dX by rows, dW of the first layer by its 512 rows, dW of the last
+    # (10 x 512) by its columns
     def gradients(net, X, y):
         loss, dW, db = net.gradients(X, y)
         return [np.float32(loss)] + dW + db
 
-    one, pool = _bits_with_and_without_own_threads(61, gradients, calls=1)
-    assert one == pool
+    one, units, rows = _bits_with_and_without_own_threads(61, gradients, calls=1)
+    assert one == units == rows
 
 
-def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads):
+@pytest.mark.parametrize("rows", [100, 300])
+def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows):
     # the momentum update folded into each part of a split weight gradient (a batch
-    # one panel deep): the parameters and buffer after a first and a steady-state
-    # step have the bits of the one-thread kernel's
+    # one panel deep; 300 rows: a pass of its own): the parameters and buffer
+    # after a first and a steady-state step have the bits of the one-thread
+    # kernel's
     def steps(net, X, y):
         opt = fastbp.SGD(net.params, lr=0.05, momentum=0.9)
         for _ in range(2):
             net.step(X, y, opt)
         return [net.params, opt.momentum_buffer]
 
-    one, pool = _bits_with_and_without_own_threads(100, steps, calls=2)
-    assert one == pool
+    one, units, rows = _bits_with_and_without_own_threads(rows, steps, calls=2)
+    assert one == units == rows
+
+
+@pytest.mark.parametrize("rows, units", [(32, True), (32, False), (61, True), (300, True)])
+def test_own_threads_blas_parts_take_the_momentum_update(own_threads, rows, units):
+    # BLAS's parts of a weight gradient split across the pool, each part's momentum
+    # update made by the thread that made it, have the bits of the parts followed
+    # by a pass of its own (`_fold_momentum(False)`): dW1 (128 x 300) is split by
+    # its rows on batches below 256 rows (or with `_split_by_units(False)`, along
+    # its longer side: columns), by its columns on 300 rows
+    before = _kernels._small_gemm(False), _kernels._split_by_units(units), \
+        _kernels._fold_momentum()
+    try:
+        results = []
+        for fold in (True, False):
+            _kernels._fold_momentum(fold)
+            _kernels._own_threads("always")
+            fastbp.set_num_threads(2)
+            rng = np.random.default_rng(rows)
+            X = rng.normal(size=(rows, 300)).astype(np.float32)
+            y = rng.integers(0, 10, size=rows)
+            net = fastbp.MLP([300, 128, 10], dtype=np.float32, seed=0)
+            opt = fastbp.SGD(net.params, lr=0.05, momentum=0.9, dampening=0.25)
+            calls = _kernels._own_threads_calls()
+            for _ in range(3):
+                net.step(X, y, opt)
+            assert _kernels._own_threads_calls() - calls == 3
+            results.append((net.params.tobytes(), opt.momentum_buffer.tobytes()))
+        assert results[0] == results[1]
+    finally:
+        _kernels._small_gemm(before[0])
+        _kernels._split_by_units(before[1])
+        _kernels._fold_momentum(before[2])
+
+
+def test_split_by_units_setting():
+    before = _kernels._split_by_units()
+    try:
+        assert before is True
+        assert _kernels._split_by_units(False) is True and _kernels._split_by_units() is False
+        for bad in (1, 0, "yes", None.__class__):
+            with pytest.raises(ValueError, match="split-by-units setting"):
+                _kernels._split_by_units(bad)
+            assert _kernels._split_by_units() is False
+        assert _kernels._split_by_units(True) is False and _kernels._split_by_units() is True
+    finally:
+        _kernels._split_by_units(before)
 
 
 @pytest.mark.parametrize("how", ["step", "fit"])

@@ -131,6 +131,8 @@ cdef extern from "_smallgemm.h" nogil:
                                int parts)
     int fbp_gemm_takes_for(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                            int threads, int f64, int parts)
+    int fbp_gemm_takes(char transa, char transb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                       int f64)
     int fbp_tn_f32(const float* X, const float* W, float* Z, Py_ssize_t n, Py_ssize_t n_in,
                    Py_ssize_t n_out, const float* b, int act, float slope)
     int fbp_tn_f64(const double* X, const double* W, double* Z, Py_ssize_t n,
@@ -142,6 +144,8 @@ cdef extern from "_smallgemm.h" nogil:
                      double alpha, const double* A, Py_ssize_t lda, const double* B,
                      Py_ssize_t ldb, double beta, double* C, Py_ssize_t ldc)
     int fbp_fold_momentum
+    int fbp_split_units
+    bint fbp_split_by_units(Py_ssize_t batch)
     int fbp_gemm_sgd_f32(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A, Py_ssize_t lda,
                          const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc, float* param,
                          float* buf, float lr, float momentum, float dc, int first)
@@ -314,27 +318,56 @@ cdef void _gemm(char transa, char transb, int M, int N, int K, floating alpha,
     """Row-major ``C (M x N) = alpha * op(A) @ op(B) + beta * C``, op given by 'N'/'T':
     on _smallgemm.h's kernel where it takes the product (split across the pool by
     itself); else one BLAS call, or (inside a call on fastbp's own threads,
-    _pool.h) one per part of C across the pool. A GEMM is split where it is large
-    enough (2^18 multiply-adds; BLAS too runs smaller ones on one thread), along
-    C's longer side (each part then packs the smaller operand whole: measured the
-    faster split)."""
+    _pool.h) one per part of C across the pool (`_gemm_split`)."""
     cdef _GemmJob j
-    cdef int parts = fbp_pool_held, longer = M if M >= N else N
+    cdef int parts
     if floating is float:
         if fbp_gemm_f32(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
             return
     else:
         if fbp_gemm_f64(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
             return
-    if parts >= 2 and K > 0 and <double>M * N * K >= 262144.0 and longer >= 32:
-        if parts > longer // 16:
-            parts = longer // 16
-        j.transa, j.transb, j.M, j.N, j.K = transa, transb, M, N, K
-        j.lda, j.ldb, j.ldc, j.by_rows, j.f64 = lda, ldb, ldc, M >= N, floating is double
-        j.alpha, j.beta, j.A, j.B, j.C = alpha, beta, A, B, C
+    _gemm_job(&j, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+    parts = _gemm_split(&j)
+    if parts:
         fbp_pool_run(_gemm_part, &j, parts)
         return
     _gemm_blas(transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+
+
+cdef inline void _gemm_job(_GemmJob* j, char transa, char transb, int M, int N, int K,
+                           floating alpha, const floating* A, int lda, const floating* B,
+                           int ldb, floating beta, floating* C, int ldc) noexcept nogil:
+    """The product in a job for `_gemm_part` (by_rows: set by `_gemm_split`)."""
+    j.transa, j.transb, j.M, j.N, j.K = transa, transb, M, N, K
+    j.lda, j.ldb, j.ldc, j.by_rows, j.f64 = lda, ldb, ldc, True, floating is double
+    j.alpha, j.beta, j.A, j.B, j.C = alpha, beta, A, B, C
+
+
+cdef int _gemm_split(_GemmJob* j) noexcept nogil:
+    """The parts `_gemm` splits the BLAS product in j into across fastbp's threads,
+    or 0 (one BLAS call), and along which side of C (j.by_rows). Split where the
+    product is large enough (2^18 multiply-adds; BLAS too runs smaller ones on
+    one thread): by the layer's units on the batches where _smallgemm.h's kernel
+    is (`fbp_split_by_units` says why: rows of a weight gradient dZ.T @ input,
+    columns of a forward product input @ W.T); else along C's longer side (each
+    part then packs the smaller operand whole: measured the faster split)."""
+    cdef int parts = fbp_pool_held, side
+    if parts < 2 or j.K == 0 or <double>j.M * j.N * j.K < 262144.0:
+        return 0
+    if j.transa == c'T' and fbp_split_by_units(j.K):
+        j.by_rows = True
+    elif j.transb == c'T' and fbp_split_by_units(j.M):
+        j.by_rows = False
+    else:
+        j.by_rows = j.M >= j.N
+    side = j.M if j.by_rows else j.N
+    if side < 32:  # too narrow that way
+        j.by_rows = j.M >= j.N
+        side = j.M if j.by_rows else j.N
+    if side < 32:
+        return 0
+    return parts if parts <= side // 16 else side // 16
 
 
 cdef inline bint _gemm_sgd(int M, int N, int K, const floating* A, int lda, const floating* B,
@@ -451,12 +484,27 @@ def _vector_loss(enabled=None):
     return bool(before)
 
 
+def _split_by_units(enabled=None):
+    """Whether a call on fastbp's own threads splits a layer's products by its units
+    on batches of fewer than 256 rows (`fbp_split_by_units`), else by the batch's
+    rows or C's longer side. The same bits either way. With an argument, switches
+    it and returns the previous setting (tests and benchmarks compare the two)."""
+    global fbp_split_units
+    cdef int before = fbp_split_units
+    if enabled is not None:
+        if not (enabled is True or enabled is False):
+            raise ValueError(f"the split-by-units setting is True or False, got {enabled!r}")
+        fbp_split_units = int(enabled)
+    return bool(before)
+
+
 def _fold_momentum(enabled=None):
-    """Whether a weight gradient made on _smallgemm.h's kernel takes SGD's momentum
-    update along (the gradient never stored), where its batch fits one panel of
-    the kernel (128 rows); else the update is a pass of its own. The same bits
-    either way. With an argument, switches it and returns the previous setting
-    (tests and benchmarks compare the two)."""
+    """Whether a weight gradient takes SGD's momentum update along: made on
+    _smallgemm.h's kernel, where its batch fits one panel of the kernel (128
+    rows; the gradient is never stored), or in BLAS parts across fastbp's
+    threads (each part updated by the thread that made it); else the update is
+    a pass of its own. The same bits either way. With an argument, switches it
+    and returns the previous setting (tests and benchmarks compare the two)."""
     global fbp_fold_momentum
     cdef int before = fbp_fold_momentum
     if enabled is not None:
@@ -983,21 +1031,25 @@ ctypedef struct _SgdJob:
     bint nesterov, maximize, first_step, f64
 
 
+cdef inline void _sgd_span(const _SgdJob* j, Py_ssize_t lo, Py_ssize_t size) noexcept nogil:
+    """The update of elements lo .. lo + size of the job's arrays."""
+    if j.f64:
+        fbp_sgd_f64(<double*>j.param + lo, <const double*>j.grad + lo,
+                    <double*>j.buf + lo if j.buf != NULL else NULL, size, j.lr, j.momentum,
+                    j.dampening_complement, j.nesterov, j.weight_decay, j.maximize, j.first_step)
+    else:
+        fbp_sgd_f32(<float*>j.param + lo, <const float*>j.grad + lo,
+                    <float*>j.buf + lo if j.buf != NULL else NULL, size, <float>j.lr,
+                    <float>j.momentum, <float>j.dampening_complement, j.nesterov,
+                    <float>j.weight_decay, j.maximize, j.first_step)
+
+
 cdef void _sgd_part(void* arg, int part, int parts) noexcept nogil:
     cdef const _SgdJob* j = <const _SgdJob*>arg
     cdef Py_ssize_t lo, hi
     _slice(j.size, part, parts, &lo, &hi)
-    if lo >= hi:
-        return
-    if j.f64:
-        fbp_sgd_f64(<double*>j.param + lo, <const double*>j.grad + lo,
-                    <double*>j.buf + lo if j.buf != NULL else NULL, hi - lo, j.lr, j.momentum,
-                    j.dampening_complement, j.nesterov, j.weight_decay, j.maximize, j.first_step)
-    else:
-        fbp_sgd_f32(<float*>j.param + lo, <const float*>j.grad + lo,
-                    <float*>j.buf + lo if j.buf != NULL else NULL, hi - lo, <float>j.lr,
-                    <float>j.momentum, <float>j.dampening_complement, j.nesterov,
-                    <float>j.weight_decay, j.maximize, j.first_step)
+    if lo < hi:
+        _sgd_span(j, lo, hi - lo)
 
 
 cdef inline void _sgd_loop(floating* param, const floating* grad, floating* buf, Py_ssize_t size,
@@ -1017,6 +1069,55 @@ cdef inline void _sgd_loop(floating* param, const floating* grad, floating* buf,
     else:
         fbp_sgd_f64(param, grad, buf, size, lr, momentum, dampening_complement, nesterov,
                     weight_decay, maximize, first_step)
+
+
+ctypedef struct _GemmSgdJob:
+    # A layer's weight gradient in BLAS parts across fastbp's threads (`_gemm_part`),
+    # each part's momentum update made by the thread that made the part.
+    _GemmJob gemm
+    _SgdJob sgd
+
+
+cdef void _gemm_sgd_part(void* arg, int part, int parts) noexcept nogil:
+    cdef const _GemmSgdJob* j = <const _GemmSgdJob*>arg
+    cdef Py_ssize_t lo, hi, i, N = j.gemm.N
+    _gemm_part(<void*>&j.gemm, part, parts)
+    _slice(j.gemm.M if j.gemm.by_rows else N, part, parts, &lo, &hi)
+    if lo >= hi:
+        return
+    if j.gemm.by_rows:  # rows lo..hi of dW, one span
+        _sgd_span(&j.sgd, lo * N, (hi - lo) * N)
+    else:  # columns lo..hi of each row
+        for i in range(j.gemm.M):
+            _sgd_span(&j.sgd, i * N + lo, hi - lo)
+
+
+cdef bint _gemm_sgd_split(int M, int N, int K, const floating* A, int lda, const floating* B,
+                          int ldb, floating* C, floating* param, floating* buf, floating lr,
+                          floating momentum, floating dampening_complement,
+                          bint first_step) noexcept nogil:
+    """`_gemm_sgd`'s contract where `_gemm` would split the product into BLAS parts
+    across fastbp's threads: each thread updates W and its buffer on the part of
+    dW (C, M x N) it made, right after making it, instead of a pass of its own
+    after a second fork-join, which splits the arrays its own way (in-process,
+    Emerald Rapids, 16 rounds, 32-row steps with momentum: 784-128-10 1.03x,
+    784-256-128-10 and 784-512-512-10 1.05x). The same bits (the update is
+    elementwise). False: not such a product; nothing was done."""
+    cdef _GemmSgdJob j
+    cdef int parts
+    if not fbp_fold_momentum or fbp_gemm_takes(c'T', c'N', M, N, K, floating is double):
+        return False
+    _gemm_job(&j.gemm, c'T', c'N', M, N, K, 1, A, lda, B, ldb, 0, C, N)
+    parts = _gemm_split(&j.gemm)
+    if not parts:
+        return False
+    j.sgd.param, j.sgd.grad, j.sgd.buf, j.sgd.size, j.sgd.f64 = (param, C, buf, M * N,
+                                                                 floating is double)
+    j.sgd.lr, j.sgd.momentum, j.sgd.dampening_complement = lr, momentum, dampening_complement
+    j.sgd.weight_decay, j.sgd.nesterov, j.sgd.maximize, j.sgd.first_step = (0, False, False,
+                                                                            first_step)
+    fbp_pool_run(_gemm_sgd_part, &j, parts)
+    return True
 
 
 def _sgd_update(floating[::1] param, const floating[::1] grad,
@@ -1398,9 +1499,13 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
             # = momentum in a BLAS GEMM measured no faster: BLAS scales C in a
             # pass of its own before accumulating into it)
             lo, hi = w_off[l], w_off[l + 1]
-            if _gemm_sgd(<int>n_out, <int>n_in, <int>n, D + a_off[l], <int>n_out, prev,
-                         <int>n_in, grad + lo, params + lo, buf + lo, lr, momentum,
-                         dampening_complement, first_step):
+            if (_gemm_sgd(<int>n_out, <int>n_in, <int>n, D + a_off[l], <int>n_out, prev,
+                          <int>n_in, grad + lo, params + lo, buf + lo, lr, momentum,
+                          dampening_complement, first_step)
+                    or _gemm_sgd_split(<int>n_out, <int>n_in, <int>n, D + a_off[l],
+                                       <int>n_out, prev, <int>n_in, grad + lo, params + lo,
+                                       buf + lo, lr, momentum, dampening_complement,
+                                       first_step)):
                 lo += n_out * n_in  # the bias is left
             else:
                 _gemm(c'T', c'N', <int>n_out, <int>n_in, <int>n, 1, D + a_off[l], <int>n_out,

@@ -251,6 +251,31 @@ static inline int fbp_gemm_sgd_takes(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int 
     return fbp_gemm_sgd_takes_for(M, N, K, FBP_TN_READ_THREADS, f64, fbp_pool_held);
 }
 
+/* Whether products on a batch of `batch` rows, inside a call on fastbp's own
+ * threads, are split across them by the layer's units (rows of W: the columns of
+ * a forward product, the rows of a weight gradient) rather than by the batch's
+ * rows: so that each thread reads and updates the same rows of each W in every
+ * step (a line of W read by both cores in the forward product, then written by
+ * one in the update, must first be taken from the other core's cache: on a
+ * 2-core VM a 16 KB buffer written by one core and read by the other cost 3.6 us
+ * against 0.27). In-process, Intel Emerald Rapids, 2 cores, steps split by
+ * units against split by the batch's rows (10 rounds; the same bits):
+ * - 784-128-10: on 32 rows plain SGD 1.22x, momentum 1.61x (by rows, the pool
+ *   had been 1.45x slower than one thread; now 1.14x faster), Adam 1.36x; on 64
+ *   rows 1.12x, 1.55x, 1.15x; on 128 rows 1.05x, 1.41x, 1.10x;
+ * - 784-256-128-10: on 32 rows 1.15x, 1.56x, 1.22x; on 64 rows 1.09x, 1.57x,
+ *   1.18x; on 128 rows 1.12x, 1.32x, 1.17x;
+ * - 784-512-512-10 on 128 rows: plain SGD 1.02x, momentum 0.99x;
+ * - on 256 rows and more, mixed in an earlier run (0.88-1.12x, and 0.88x for
+ *   an identical path in this one): not there. fbp_split_units = 0 switches it
+ *   off (tests). */
+static int fbp_split_units = 1;
+
+static inline int fbp_split_by_units(ptrdiff_t batch)
+{
+    return fbp_split_units && batch < 256;
+}
+
 /* 1: a whole-network call (a step, an epoch, a gradient) runs on fastbp's own
  * threads where fbp_pool_takes says; 2: wherever BLAS has several threads (tests);
  * 0: never. Tests and benchmarks switch it. */
@@ -660,7 +685,7 @@ static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrd
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
     const NAME##_job *q = (const NAME##_job *)arg;                                       \
-    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q->m), size = by_rows ? q->m : q->n;     \
+    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q), size = by_rows ? q->m : q->n;     \
     const ptrdiff_t unit = by_rows ? 8 : 2 * L;                                          \
     ptrdiff_t lo = (size * part / parts + unit - 1) / unit * unit;                       \
     ptrdiff_t hi = part + 1 == parts ? size                                              \
@@ -679,7 +704,7 @@ static void NAME##_part(void *arg, int part, int parts)                         
  * is large enough to split (2^18 multiply-adds). */                                     \
 static void NAME##_run(NAME##_job *q)                                                    \
 {                                                                                        \
-    ptrdiff_t units = FBP_SPLIT_BY_ROWS(q->m) ? q->m / 8 : q->n / (2 * L);               \
+    ptrdiff_t units = FBP_SPLIT_BY_ROWS(q) ? q->m / 8 : q->n / (2 * L);               \
     if (fbp_pool_held >= 2 && units >= 2                                                 \
         && (double)q->m * q->n * q->kdim >= 262144.0) {                                  \
         fbp_pool_run(NAME##_part, q, units < fbp_pool_held ? (int)units : fbp_pool_held); \
@@ -740,8 +765,11 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
 }
 
 /* Whether a product split across the pool is split by rows of C (blocks of 8), else
- * by columns (panels): NAME##_run counts the parts and NAME##_part cuts them. */
-#define FBP_SPLIT_BY_ROWS(m) ((m) >= 16)
+ * by columns (panels): NAME##_run counts the parts and NAME##_part cuts them. A
+ * forward product (op(B) = W.T: C's columns are the layer's units) goes by
+ * fbp_split_by_units; the others by rows where C has 16 or more (a weight
+ * gradient's rows are the layer's units too). */
+#define FBP_SPLIT_BY_ROWS(q) ((q)->m >= 16 && ((q)->b_rows || !fbp_split_by_units((q)->m)))
 
 /* One case of NAME##_panel's switch. */
 #define FBP_TN_TAIL(NAME, R)                                                             \
