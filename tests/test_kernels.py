@@ -1178,19 +1178,19 @@ def test_gradient_products_take_the_shapes_they_measured_faster_on():
             assert not takes(product, 64, 256, 64, threads, True)
         # on fastbp's own threads each part must pass 2^20
         assert takes(product, 64, 256, 64, 1) and not takes(product, 64, 256, 64, 1, parts=2)
-    # ... and a weight gradient needs 128 rows there (measured slower on fewer)
-    assert takes("weights", 128, 784, 256, 1, parts=2)
-    assert not takes("weights", 64, 784, 256, 1, parts=2)
-    assert takes("inputs", 64, 784, 256, 1, parts=2)
+    # ... from 32 rows (the layers split by units: 784-128-10 on 32 rows)
+    for product in ("weights", "inputs"):
+        assert takes(product, 32, 784, 128, 1, parts=2)
+        assert not takes(product, 16, 784, 128, 1, parts=2)  # 2^19.6 per part
     # with SGD's momentum folded in: where the plain product goes, on a batch that
-    # fits one panel (128 rows), and on fastbp's own threads from 64 rows
-    for shape in [(128, 784, 256), (64, 256, 64), (8, 1024, 128), (128, 256, 128)]:
-        for threads in (0, 1, 2):
-            assert takes("momentum", *shape, threads) is takes("weights", *shape, threads), shape
+    # fits one panel (128 rows)
+    for shape in [(128, 784, 256), (64, 256, 64), (8, 1024, 128), (128, 256, 128),
+                  (32, 784, 128), (16, 784, 128)]:
+        for threads, parts in ((0, 1), (1, 1), (2, 1), (1, 2)):
+            assert takes("momentum", *shape, threads, parts=parts) \
+                is takes("weights", *shape, threads, parts=parts), shape
     assert not takes("momentum", 256, 1024, 256, 1)  # two panels: a pass of its own
     assert takes("weights", 256, 1024, 256, 1)
-    assert takes("momentum", 64, 784, 256, 1, parts=2)
-    assert not takes("momentum", 32, 784, 256, 1, parts=2)
     with pytest.raises(ValueError, match="'weights', 'momentum' or 'inputs'"):
         takes("bias", 128, 784, 256, 1)
 

@@ -183,26 +183,24 @@ static inline int fbp_tn_takes(ptrdiff_t n, ptrdiff_t n_in, ptrdiff_t n_out, int
  * - BLAS on two threads: float32 from 2^20 to below 2^22 (1.04-2.6x; from 2^22
  *   on, 0.5-1.1x); in float64 dgemm's two threads win or tie nearly everywhere.
  * - On fastbp's own threads (parts: the pool's thread count, BLAS on one thread)
- *   a product is split into parts, and each part must pass the lower bound. And
- *   a weight gradient there needs a batch of 128 rows or more. Steps of
- *   784-256-128-10 with the weight gradients' kernel against BLAS's products
- *   split the same way: on 32 rows 0.90x, on 64 rows 0.98x, on 128 rows 1.035x
- *   (alone, the same product split the same way was faster than BLAS's. A
- *   likely cause, not measured: in a step both threads have just read W for the
- *   forward product, so each line of W that a folded update writes must first
- *   be taken from the other core's cache; the fewer rows, the less work per
- *   line. Splitting by rows or by columns of W made no difference).
+ *   a product is split into parts, and each part must pass the lower bound.
+ *   While the pool split small batches' forward products by the batch's rows, a
+ *   weight gradient there was kept to batches of 128 rows or more (784-256-128-10
+ *   steps with it on the kernel, against BLAS's parts: 0.90x on 32 rows, 0.98x
+ *   on 64), since each line of W that the update wrote was first taken from the
+ *   other core's cache. Split by the layer's units (fbp_split_by_units), that is
+ *   gone, and the kernel takes them from 32 rows too (in-process, 16 rounds,
+ *   32-row steps against BLAS's parts: 784-128-10 SGD 1.04x, momentum 1.22x,
+ *   Adam 1.16x; 784-256-128-10 1.03x, 1.06x, 0.97x; 784-512-512-10 SGD 1.17x).
  * (TT products do not occur in a layer: BLAS.) */
-static inline int fbp_gemm_rule(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
-                                ptrdiff_t K, int threads, int f64, int parts,
-                                ptrdiff_t pool_batch)
+static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
+                                     ptrdiff_t K, int threads, int f64, int parts)
 {
     double mac = (double)M * (double)N * (double)K;
     ptrdiff_t batch = transa == 'T' ? K : M;
     if (transa == 'N' && transb == 'T')
         return fbp_tn_takes_for(M, K, N, threads, f64);
-    if (transb != 'N' || mac / (parts > 1 ? parts : 1) < 1048576.0
-        || (parts > 1 && transa == 'T' && K < pool_batch))
+    if (transb != 'N' || mac / (parts > 1 ? parts : 1) < 1048576.0)
         return 0;
     if (threads == FBP_TN_READ_THREADS)
         threads = fbp_blas_threads != NULL ? fbp_blas_threads() : 0;
@@ -211,26 +209,18 @@ static inline int fbp_gemm_rule(char transa, char transb, ptrdiff_t M, ptrdiff_t
     return !f64 && mac < 4194304.0;
 }
 
-static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
-                                     ptrdiff_t K, int threads, int f64, int parts)
-{
-    return fbp_gemm_rule(transa, transb, M, N, K, threads, f64, parts, 128);
-}
-
-/* The same for a weight gradient with SGD's momentum update folded in (GEMM_SGD):
+/* The same for a weight gradient with SGD's momentum update folded in (GEMM_SGD),
  * only on batches that fit one panel of the kernel (K <= FBP_TN_MAX_K: on 256 rows,
  * the partial sums of two panels kept in C, the fold measured 0.956x the product
- * and a pass of its own), and on fastbp's own threads from batches of 64 rows,
- * where the update is made on the thread that made its part of the gradient
- * (against BLAS's parts then a pass split its own way, in-process, Emerald
- * Rapids, two runs: 784-256-128-10 on 64 rows 1.037x and 1.128x, 784-128-10
- * 1.032x and 1.042x; on 32 rows 0.957-0.964x). On one thread: 784-256-128-10 on
- * 32 rows 1.12x, on 128 rows 1.032x (and 1.033x on the pool), 784-128-10 on 64
- * rows 1.040x. */
+ * and a pass of its own). Against the product and a pass of its own, in-process,
+ * Emerald Rapids: on one thread 784-256-128-10 on 32 rows 1.12x, on 128 rows
+ * 1.032x, 784-128-10 on 64 rows 1.040x; on fastbp's own threads (each part's
+ * update made by the thread that made it) 784-256-128-10 on 128 rows 1.033x, on
+ * 64 rows 1.037x and 1.128x, 784-128-10 on 64 rows 1.032x and 1.042x. */
 static inline int fbp_gemm_sgd_takes_for(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads,
                                          int f64, int parts)
 {
-    return K <= FBP_TN_MAX_K && fbp_gemm_rule('T', 'N', M, N, K, threads, f64, parts, 64);
+    return K <= FBP_TN_MAX_K && fbp_gemm_takes_for('T', 'N', M, N, K, threads, f64, parts);
 }
 
 static inline int fbp_gemm_takes(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
