@@ -43,3 +43,33 @@ def test_the_measurement_sees_numpy_temporaries():
     net = fastbp.MLP([100, 50, 10], seed=0, backend="numpy")
     kept, peak = step_allocations(net.step, (X, y, fastbp.SGD(net.params, lr=0.01)))
     assert peak > 64 * 50 * 4  # at least one (batch, hidden) temporary
+
+
+def test_fit_with_diagnostics_holds_one_copy_of_the_parameters():
+    # the diagnostics keep the parameters at each epoch's start (for the update
+    # ratios) in one buffer for the whole fit, and compute their gradient in the
+    # network's own scratch: one params-sized array beyond what a fit without
+    # them holds (a copy per epoch, rebound, held two at once)
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(512, 300)).astype(np.float32)
+    y = rng.integers(0, 10, size=512)
+    peaks = {}
+    for diagnostics in (False, True):
+        net = fastbp.MLP([300, 200, 10], seed=0)
+        opt = fastbp.SGD(net.params, lr=0.01, momentum=0.9)
+        net.fit(X, y, epochs=1, batch_size=64, optimizer=opt, progress=False,
+                diagnostics=diagnostics)  # workspace and buffers made
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            history = net.fit(X, y, epochs=3, batch_size=64, optimizer=opt, progress=False,
+                              diagnostics=diagnostics)
+            peaks[diagnostics] = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert (history.records[-1]["diagnostics"] is not None) is diagnostics
+    extra = peaks[True] - peaks[False]
+    assert net.params.nbytes <= extra < 1.5 * net.params.nbytes, (extra, net.params.nbytes)

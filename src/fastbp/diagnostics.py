@@ -28,7 +28,7 @@ def layer_statistics(net, X, y, before=None):
         For relu hidden layers, the fraction of units that output 0 for every
         sample of the batch; None for other layers.
     """
-    grad = np.empty_like(net.params)
+    grad = net._grad  # the network's gradient scratch (fit's steps are done with it)
     net._loss_and_gradients(X, y, grad)  # leaves the batch's activations in net._A
     n = X.shape[0]
     # the compiled backend sums everything in one call (fit runs this every epoch)

@@ -183,6 +183,9 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
     history = History()
     bar = _progress_bar(progress, epochs, desc)
     n = X.shape[0]
+    # the parameters at each epoch's start, for the diagnostics' update ratios: one
+    # buffer for the whole fit (a copy per epoch held two copies at the rebinding)
+    before = np.empty_like(net.params) if diagnostics else None
     try:
         with _deferred_interrupt() as interrupt:
             for _ in range(epochs):
@@ -190,7 +193,8 @@ def run_epochs(net, X, y, *, epochs, batch_size, optimizer, shuffle, validation,
                 if schedule is not None:
                     schedule.start_epoch(optimizer, epoch)
                 start = time.perf_counter()
-                before = net.params.copy() if diagnostics else None
+                if diagnostics:
+                    np.copyto(before, net.params)
                 order = net._rng.permutation(n) if shuffle else None
                 if net._compiled(optimizer):
                     # the whole epoch in one compiled call
