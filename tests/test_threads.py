@@ -146,8 +146,8 @@ def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
         np.testing.assert_allclose(net.params, reference.params, rtol=1e-4, atol=1e-6)
 
 
-def _bits_with_and_without_own_threads(rows, run, calls):
-    """run(X, y) -> a list of arrays, on a 300-512-10 float32 network and a batch of
+def _bits_with_and_without_own_threads(rows, run, calls, hidden=512):
+    """run(X, y) -> a list of arrays, on a 300-`hidden`-10 float32 network and a batch of
     `rows` rows, every product on the kernel: first on one thread (BLAS's threads,
     which the kernel does not use), then split across fastbp's pool by the layers'
     units, then by the batch's rows (`_split_by_units`); the pool must take `calls`
@@ -164,7 +164,7 @@ def _bits_with_and_without_own_threads(rows, run, calls):
             rng = np.random.default_rng(rows)
             X = rng.normal(size=(rows, 300)).astype(np.float32)
             y = rng.integers(0, 10, size=rows)
-            net = fastbp.MLP([300, 512, 10], dtype=np.float32, seed=0)
+            net = fastbp.MLP([300, hidden, 10], dtype=np.float32, seed=0)
             before_calls = _kernels._own_threads_calls()
             results.append([np.asarray(a).tobytes() for a in run(net, X, y)])
             assert _kernels._own_threads_calls() - before_calls == calls * (mode == "always")
@@ -174,22 +174,23 @@ def _bits_with_and_without_own_threads(rows, run, calls):
         _kernels._split_by_units(before[1])
 
 
-def test_own_threads_products_are_bitwise_the_kernels(own_threads):
+@pytest.mark.parametrize("hidden", [512, 200])
+def test_own_threads_products_are_bitwise_the_kernels(own_threads, hidden):
     # the kernel's products split across the pool: every element the same FMA chain,
     # so the loss and the gradients have the bits of the one-thread kernel. With
-    # 61 rows (uneven parts): the forward products split by the layers' units (or
-    # by rows), dX by rows, dW of the first layer by its 512 rows, dW of the last
-    # (10 x 512) by its columns
+    # 61 rows (uneven parts): the forward products split by the layers' units (200:
+    # at 96, not at a panel's edge) or by rows, dX by rows, dW of the first layer
+    # by its rows, dW of the last (10 x hidden) by its columns
     def gradients(net, X, y):
         loss, dW, db = net.gradients(X, y)
         return [np.float32(loss)] + dW + db
 
-    one, units, rows = _bits_with_and_without_own_threads(61, gradients, calls=1)
+    one, units, rows = _bits_with_and_without_own_threads(61, gradients, calls=1, hidden=hidden)
     assert one == units == rows
 
 
-@pytest.mark.parametrize("rows", [100, 300])
-def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows):
+@pytest.mark.parametrize("rows, hidden", [(100, 512), (100, 200), (300, 512)])
+def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows, hidden):
     # the momentum update folded into each part of a split weight gradient (a batch
     # one panel deep; 300 rows: a pass of its own): the parameters and buffer
     # after a first and a steady-state step have the bits of the one-thread
@@ -200,7 +201,7 @@ def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows):
             net.step(X, y, opt)
         return [net.params, opt.momentum_buffer]
 
-    one, units, rows = _bits_with_and_without_own_threads(rows, steps, calls=2)
+    one, units, rows = _bits_with_and_without_own_threads(rows, steps, calls=2, hidden=hidden)
     assert one == units == rows
 
 

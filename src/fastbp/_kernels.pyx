@@ -276,10 +276,11 @@ ctypedef struct _GemmJob:
 cdef inline void _slice(Py_ssize_t size, int part, int parts, Py_ssize_t* lo,
                         Py_ssize_t* hi) noexcept nogil:
     """Part `part` of `parts` of range(size), for a part of a product or a pass split
-    across fastbp's threads: cut at multiples of 16 elements (whole cache lines of
-    floats, so that no two threads write one line)."""
-    lo[0] = min((size * part // parts + 15) // 16 * 16, size)
-    hi[0] = size if part + 1 == parts else min((size * (part + 1) // parts + 15) // 16 * 16, size)
+    across fastbp's threads: cut at the nearest multiple of 16 elements (whole
+    cache lines of floats, so that no two threads write one line; and where
+    _smallgemm.h's kernel cuts a float32 layer's units, FBP_SPLIT_UNIT)."""
+    lo[0] = min((size * part // parts + 8) // 16 * 16, size)
+    hi[0] = size if part + 1 == parts else min((size * (part + 1) // parts + 8) // 16 * 16, size)
 
 
 cdef void _gemm_part(void* arg, int part, int parts) noexcept nogil:

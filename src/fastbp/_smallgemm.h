@@ -668,18 +668,18 @@ static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrd
     }                                                                                    \
 }                                                                                        \
                                                                                          \
-/* A product split across fastbp's pool (_pool.h): by rows of C where it has 16 or more, \
- * part p of parts taking rows from p * m / parts rounded up to a block of 8; else by    \
- * columns, at panel boundaries. Each element is the same FMA chain as on one thread,    \
- * so the same bits. */                                                                  \
+/* A product split across fastbp's pool (_pool.h), by rows of C or by its columns        \
+ * (FBP_SPLIT_BY_ROWS), part p of parts starting at p * size / parts rounded to the      \
+ * nearest multiple of FBP_SPLIT_UNIT. Each element is the same FMA chain as on one thread, so   \
+ * the same bits. */                                                                     \
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
     const NAME##_job *q = (const NAME##_job *)arg;                                       \
-    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q), size = by_rows ? q->m : q->n;     \
-    const ptrdiff_t unit = by_rows ? 8 : 2 * L;                                          \
-    ptrdiff_t lo = (size * part / parts + unit - 1) / unit * unit;                       \
+    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q), size = by_rows ? q->m : q->n;        \
+    const ptrdiff_t unit = FBP_SPLIT_UNIT(q, by_rows, L);                                \
+    ptrdiff_t lo = (size * part / parts + unit / 2) / unit * unit;                       \
     ptrdiff_t hi = part + 1 == parts ? size                                              \
-                                     : (size * (part + 1) / parts + unit - 1) / unit * unit; \
+                                     : (size * (part + 1) / parts + unit / 2) / unit * unit; \
     if (hi > size)                                                                       \
         hi = size;                                                                       \
     if (lo >= hi)                                                                        \
@@ -694,7 +694,8 @@ static void NAME##_part(void *arg, int part, int parts)                         
  * is large enough to split (2^18 multiply-adds). */                                     \
 static void NAME##_run(NAME##_job *q)                                                    \
 {                                                                                        \
-    ptrdiff_t units = FBP_SPLIT_BY_ROWS(q) ? q->m / 8 : q->n / (2 * L);               \
+    const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q);                                      \
+    ptrdiff_t units = (by_rows ? q->m : q->n) / FBP_SPLIT_UNIT(q, by_rows, L);           \
     if (fbp_pool_held >= 2 && units >= 2                                                 \
         && (double)q->m * q->n * q->kdim >= 262144.0) {                                  \
         fbp_pool_run(NAME##_part, q, units < fbp_pool_held ? (int)units : fbp_pool_held); \
@@ -760,6 +761,14 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
  * fbp_split_by_units; the others by rows where C has 16 or more (a weight
  * gradient's rows are the layer's units too). */
 #define FBP_SPLIT_BY_ROWS(q) ((q)->m >= 16 && ((q)->b_rows || !fbp_split_by_units((q)->m)))
+
+/* Where a split product's parts are cut (multiples of this many rows or columns): a
+ * layer's units (the columns of a forward product, the rows of a weight gradient,
+ * op(A) = dZ.T) at whole vectors, the L of a float32 or float64 vector, so that
+ * both products, and BLAS's parts of them (the module's _slice: 16 elements), cut
+ * W's rows in the same places, and a layer of 200 units splits 96 / 104 (at panels
+ * of 2 L, rounded up: 128 / 72); a batch's rows at blocks of 8. */
+#define FBP_SPLIT_UNIT(q, by_rows, L) (!(by_rows) || ((q)->b_rows && (q)->a_rs == 1) ? (L) : 8)
 
 /* One case of NAME##_panel's switch. */
 #define FBP_TN_TAIL(NAME, R)                                                             \
