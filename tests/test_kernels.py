@@ -1354,17 +1354,20 @@ def test_cross_entropy_has_the_same_bits_on_avx512(dtype, vector_loss):
             assert results[1:] == results[:1] * 3, (n, k)
 
 
-def test_fold_momentum_switch():
-    before = _kernels._fold_momentum()
+@pytest.mark.parametrize("switch, what", [(_kernels._fold_momentum, "fold-momentum"),
+                                          (_kernels._split_by_units, "split-by-units")])
+def test_on_off_switches(switch, what):
+    before = switch()
     try:
-        assert _kernels._fold_momentum(False) is before and _kernels._fold_momentum() is False
-        for bad in (1, "on"):
-            with pytest.raises(ValueError, match="True or False"):
-                _kernels._fold_momentum(bad)
-            assert _kernels._fold_momentum() is False
-        assert _kernels._fold_momentum(True) is False and _kernels._fold_momentum() is True
+        assert before is True  # both on by default
+        assert switch(False) is True and switch() is False
+        for bad in (1, 0, "on", None.__class__):
+            with pytest.raises(ValueError, match=f"the {what} setting is True or False"):
+                switch(bad)
+            assert switch() is False
+        assert switch(True) is False and switch() is True
     finally:
-        _kernels._fold_momentum(before)
+        switch(before)
 
 
 def test_vector_loss_switch(vector_loss):

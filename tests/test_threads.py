@@ -237,20 +237,6 @@ def test_own_threads_blas_parts_take_the_momentum_update(own_threads, rows, unit
         _kernels._fold_momentum(before[2])
 
 
-def test_split_by_units_setting():
-    before = _kernels._split_by_units()
-    try:
-        assert before is True
-        assert _kernels._split_by_units(False) is True and _kernels._split_by_units() is False
-        for bad in (1, 0, "yes", None.__class__):
-            with pytest.raises(ValueError, match="split-by-units setting"):
-                _kernels._split_by_units(bad)
-            assert _kernels._split_by_units() is False
-        assert _kernels._split_by_units(True) is False and _kernels._split_by_units() is True
-    finally:
-        _kernels._split_by_units(before)
-
-
 @pytest.mark.parametrize("how", ["step", "fit"])
 def test_own_threads_refused_step_restores_blas(own_threads, how):
     # a step whose loss overflows is refused: nothing changes, BLAS's threads are back

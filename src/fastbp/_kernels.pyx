@@ -349,8 +349,8 @@ cdef int _gemm_split(_GemmJob* j) noexcept nogil:
     """The parts `_gemm` splits the BLAS product in j into across fastbp's threads,
     or 0 (one BLAS call), and along which side of C (j.by_rows). Split where the
     product is large enough (2^18 multiply-adds; BLAS too runs smaller ones on
-    one thread): by the layer's units on the batches where _smallgemm.h's kernel
-    is (`fbp_split_by_units` says why: rows of a weight gradient dZ.T @ input,
+    one thread): by the layer's units where _smallgemm.h's kernel splits that way
+    (`fbp_split_by_units` says why: rows of a weight gradient dZ.T @ input,
     columns of a forward product input @ W.T); else along C's longer side (each
     part then packs the smaller operand whole: measured the faster split)."""
     cdef int parts = fbp_pool_held, side
@@ -451,6 +451,13 @@ cdef int _switch_code(object enabled, str what) except -1:
     return 2 if enabled == "always" else int(enabled)
 
 
+cdef int _on_off_code(object enabled, str what) except -1:
+    """The C code of an on/off switch's setting: False 0, True 1."""
+    if not (enabled is True or enabled is False):
+        raise ValueError(f"the {what} setting is True or False, got {enabled!r}")
+    return int(enabled)
+
+
 def _small_gemm(enabled=None):
     """Whether products (a layer's forward product and its two backward ones) run on
     _smallgemm.h's kernel (needs AVX-512) where it beats BLAS. With an argument,
@@ -476,9 +483,7 @@ def _vector_loss(enabled=None):
     global fbp_vec512_on
     cdef int before = fbp_vec512_on
     if enabled is not None:
-        if not (enabled is True or enabled is False):
-            raise ValueError(f"the vector-loss setting is True or False, got {enabled!r}")
-        if enabled and not fbp_vec512_init():
+        if _on_off_code(enabled, "vector-loss") and not fbp_vec512_init():
             fbp_vec512_on = before
             raise ValueError("the vector loss needs AVX-512, which this CPU lacks")
         fbp_vec512_on = int(enabled)
@@ -493,9 +498,7 @@ def _split_by_units(enabled=None):
     global fbp_split_units
     cdef int before = fbp_split_units
     if enabled is not None:
-        if not (enabled is True or enabled is False):
-            raise ValueError(f"the split-by-units setting is True or False, got {enabled!r}")
-        fbp_split_units = int(enabled)
+        fbp_split_units = _on_off_code(enabled, "split-by-units")
     return bool(before)
 
 
@@ -509,9 +512,7 @@ def _fold_momentum(enabled=None):
     global fbp_fold_momentum
     cdef int before = fbp_fold_momentum
     if enabled is not None:
-        if not (enabled is True or enabled is False):
-            raise ValueError(f"the fold-momentum setting is True or False, got {enabled!r}")
-        fbp_fold_momentum = int(enabled)
+        fbp_fold_momentum = _on_off_code(enabled, "fold-momentum")
     return bool(before)
 
 
@@ -1106,8 +1107,9 @@ cdef bint _gemm_sgd_split(int M, int N, int K, const floating* A, int lda, const
     elementwise). False: not such a product; nothing was done."""
     cdef _GemmSgdJob j
     cdef int parts
-    if not fbp_fold_momentum or fbp_gemm_takes(c'T', c'N', M, N, K, floating is double):
-        return False
+    if not fbp_fold_momentum or (fbp_tn_on and fbp_gemm_takes(c'T', c'N', M, N, K,
+                                                             floating is double)):
+        return False  # (off, or a product for the kernel: `_gemm` then `_sgd_loop`)
     _gemm_job(&j.gemm, c'T', c'N', M, N, K, 1, A, lda, B, ldb, 0, C, N)
     parts = _gemm_split(&j.gemm)
     if not parts:

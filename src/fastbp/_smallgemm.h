@@ -670,8 +670,8 @@ static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrd
                                                                                          \
 /* A product split across fastbp's pool (_pool.h), by rows of C or by its columns        \
  * (FBP_SPLIT_BY_ROWS), part p of parts starting at p * size / parts rounded to the      \
- * nearest multiple of FBP_SPLIT_UNIT. Each element is the same FMA chain as on one thread, so   \
- * the same bits. */                                                                     \
+ * nearest multiple of FBP_SPLIT_UNIT. Each element is the same FMA chain as on one      \
+ * thread, so the same bits. */                                                          \
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
     const NAME##_job *q = (const NAME##_job *)arg;                                       \
@@ -755,8 +755,8 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
     return 1;                                                                            \
 }
 
-/* Whether a product split across the pool is split by rows of C (blocks of 8), else
- * by columns (panels): NAME##_run counts the parts and NAME##_part cuts them. A
+/* Whether a product split across the pool is split by rows of C, else by its columns
+ * (cut at FBP_SPLIT_UNIT): NAME##_run counts the parts and NAME##_part cuts them. A
  * forward product (op(B) = W.T: C's columns are the layer's units) goes by
  * fbp_split_by_units; the others by rows where C has 16 or more (a weight
  * gradient's rows are the layer's units too). */
@@ -764,10 +764,10 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
 
 /* Where a split product's parts are cut (multiples of this many rows or columns): a
  * layer's units (the columns of a forward product, the rows of a weight gradient,
- * op(A) = dZ.T) at whole vectors, the L of a float32 or float64 vector, so that
- * both products, and BLAS's parts of them (the module's _slice: 16 elements), cut
- * W's rows in the same places, and a layer of 200 units splits 96 / 104 (at panels
- * of 2 L, rounded up: 128 / 72); a batch's rows at blocks of 8. */
+ * op(A) = dZ.T) at whole vectors (L elements), so that both products cut W's rows
+ * in the same places, and in float32 BLAS's parts of them too (the module's _slice
+ * cuts at 16 elements), and a layer of 200 units splits 96 / 104 (at panels of
+ * 2 L, rounded up: 128 / 72); a batch's rows at blocks of 8. */
 #define FBP_SPLIT_UNIT(q, by_rows, L) (!(by_rows) || ((q)->b_rows && (q)->a_rs == 1) ? (L) : 8)
 
 /* One case of NAME##_panel's switch. */

@@ -19,10 +19,10 @@ than one level of parallelism:
   the length of the call, SciPy's OpenBLAS is set to one thread and every
   product is split across fastbp's threads (1.02-1.30x faster steps on two
   cores; on batches of fewer than 256 rows, by each layer's units, so that
-  each thread reads and updates its own rows of W). That switch is visible to other Python threads that call
-  SciPy's BLAS at the same moment (their products run on one thread meanwhile),
-  and a thread count changed by another thread during such a call is
-  overwritten when it ends. With ``set_num_threads(1)``, with a BLAS other than
+  each thread reads and updates its own rows of W). That switch is visible to
+  other Python threads that call SciPy's BLAS at the same moment (their
+  products run on one thread meanwhile), and a thread count changed by another
+  thread during such a call is overwritten when it ends. With ``set_num_threads(1)``, with a BLAS other than
   OpenBLAS, or off Linux, fastbp starts no threads. Its threads spin for up to
   a millisecond after their last job, then sleep; after ``fork()`` the child
   starts its own.
