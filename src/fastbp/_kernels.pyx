@@ -1107,8 +1107,7 @@ cdef bint _gemm_sgd_split(int M, int N, int K, const floating* A, int lda, const
     elementwise). False: not such a product; nothing was done."""
     cdef _GemmSgdJob j
     cdef int parts
-    if not fbp_fold_momentum or (fbp_tn_on and fbp_gemm_takes(c'T', c'N', M, N, K,
-                                                             floating is double)):
+    if not fbp_fold_momentum or fbp_gemm_takes(c'T', c'N', M, N, K, floating is double):
         return False  # (off, or a product for the kernel: `_gemm` then `_sgd_loop`)
     _gemm_job(&j.gemm, c'T', c'N', M, N, K, 1, A, lda, B, ldb, 0, C, N)
     parts = _gemm_split(&j.gemm)

@@ -223,21 +223,23 @@ static inline int fbp_gemm_sgd_takes_for(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, 
     return K <= FBP_TN_MAX_K && fbp_gemm_takes_for('T', 'N', M, N, K, threads, f64, parts);
 }
 
+/* The kernel's choice for the next backward product: none when it is off, every
+ * shape in the tests' mode, else the rule above as things are now. */
 static inline int fbp_gemm_takes(char transa, char transb, ptrdiff_t M, ptrdiff_t N,
                                  ptrdiff_t K, int f64)
 {
-    if (fbp_tn_on == 2)
-        return K >= 1;
+    if (fbp_tn_on != 1)
+        return fbp_tn_on == 2 && K >= 1;
     return fbp_gemm_takes_for(transa, transb, M, N, K, FBP_TN_READ_THREADS, f64,
                               fbp_pool_held);
 }
 
-/* The kernel's choice for the next folded weight gradient (in the tests' mode, any
- * batch of one panel). */
+/* The kernel's choice for the next folded weight gradient (none when it is off; in
+ * the tests' mode, any batch of one panel). */
 static inline int fbp_gemm_sgd_takes(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int f64)
 {
-    if (fbp_tn_on == 2)
-        return K >= 1 && K <= FBP_TN_MAX_K;
+    if (fbp_tn_on != 1)
+        return fbp_tn_on == 2 && K >= 1 && K <= FBP_TN_MAX_K;
     return fbp_gemm_sgd_takes_for(M, N, K, FBP_TN_READ_THREADS, f64, fbp_pool_held);
 }
 
@@ -728,7 +730,7 @@ static int GEMM(char transa, char transb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
     NAME##_job q = {A, transa == 'N' ? lda : 1, transa == 'N' ? 1 : lda, B, ldb,         \
                     transb == 'N', C, ldc, M, N, K, alpha, beta != 0, NULL,              \
                     FBP_IDENTITY, 0, NULL};                                              \
-    if (!fbp_tn_on || M < 1 || N < 1 || K < 1 || (beta != 0 && beta != 1)                \
+    if (M < 1 || N < 1 || K < 1 || (beta != 0 && beta != 1)                              \
         || !fbp_gemm_takes(transa, transb, M, N, K, sizeof(T) == 8))                     \
         return 0;                                                                        \
     NAME##_run(&q);                                                                      \
@@ -748,7 +750,7 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
     NAME##_upd u = {C, param, buf, lr, momentum, dc, first};                             \
     NAME##_job q = {A, 1, lda, B, ldb, 1, C, ldc, M, N, K, 1, 0, NULL, FBP_IDENTITY, 0,   \
                     &u};                                                                 \
-    if (!fbp_tn_on || !fbp_fold_momentum || M < 1 || N < 1 || K < 1                      \
+    if (!fbp_fold_momentum || M < 1 || N < 1 || K < 1                                    \
         || !fbp_gemm_sgd_takes(M, N, K, sizeof(T) == 8))                                 \
         return 0;                                                                        \
     NAME##_run(&q);                                                                      \
