@@ -98,9 +98,12 @@ static void fbp_pool_work(uint32_t seq)
     }
 }
 
-static void *fbp_pool_worker(void *unused)
+/* seen0: the job number when the worker was started, before the job that started
+ * it (read here instead, by a worker starting late, it was that job's number: the
+ * worker took it for done and its caller ran every part alone). */
+static void *fbp_pool_worker(void *seen0)
 {
-    uint32_t seen = __atomic_load_n(&fbp_pool.seq, __ATOMIC_ACQUIRE);
+    uint32_t seen = (uint32_t)(uintptr_t)seen0;
     for (;;) {
         uint64_t since = fbp_now_ns();
         uint32_t seq;
@@ -119,7 +122,7 @@ static void *fbp_pool_worker(void *unused)
         seen = seq;
         fbp_pool_work(seq);
     }
-    return unused;
+    return NULL;
 }
 
 /* In a child after fork(): no worker exists there. A call that held the pool in
@@ -148,7 +151,7 @@ static int fbp_pool_start(int threads)
         int failed;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        failed = pthread_create(&th, &attr, fbp_pool_worker, NULL);
+        failed = pthread_create(&th, &attr, fbp_pool_worker, (void *)(uintptr_t)fbp_pool.seq);
         pthread_attr_destroy(&attr);
         if (failed)
             break;
