@@ -75,7 +75,11 @@ def own_threads():
     (256, [64, 256, 256, 10], 2, False, True),    # shallow inputs, wide layers
     (128, [784, 512, 512, 10], 2, False, True),
     (128, [784, 256, 128, 10], 1, False, False),  # BLAS on one thread: nothing to split
-    (128, [784, 256, 128, 10], 2, True, False),   # float64
+    (128, [784, 256, 128, 10], 2, True, True),    # float64: up to 128 rows,
+    (64, [300, 64, 10], 2, True, True),
+    (256, [784, 256, 128, 10], 2, True, False),
+    (128, [784, 512, 512, 10], 2, True, False),   # and no layer above 2^25
+    (128, [1024, 256, 10], 2, True, True),
     (2048, [784, 256, 128, 10], 2, False, False),
     (16, [784, 256, 128, 10], 2, False, False),
     (32, [64, 32, 10], 2, False, False),           # products of microseconds
@@ -146,8 +150,21 @@ def test_own_threads_train_as_blas_does(own_threads, how, optimizer):
         np.testing.assert_allclose(net.params, reference.params, rtol=1e-4, atol=1e-6)
 
 
-def _bits_with_and_without_own_threads(rows, run, calls, hidden=512):
-    """run(X, y) -> a list of arrays, on a 300-`hidden`-10 float32 network and a batch of
+@pytest.mark.parametrize("how, optimizer", [("step", "momentum"), ("step", "adam"),
+                                            ("fit", "sgd")])
+def test_own_threads_train_float64_as_blas_does(own_threads, how, optimizer):
+    # float64 networks with a layer of 2^20 multiply-adds run on the pool too (the
+    # rule's default, not only "always"): the same network as dgemm's threads make
+    reference, ref_losses, calls, _ = _train(False, 2, optimizer, how, dtype=np.float64)
+    assert calls == 0
+    net, losses, calls, after = _train(True, 2, optimizer, how, dtype=np.float64)
+    assert after == [2, 2] and calls == (2 if how != "step" else 8) * KERNEL
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
+    np.testing.assert_allclose(net.params, reference.params, rtol=1e-10, atol=1e-13)
+
+
+def _bits_with_and_without_own_threads(rows, run, calls, hidden=512, dtype=np.float32):
+    """run(X, y) -> a list of arrays, on a 300-`hidden`-10 network of `dtype` and a batch of
     `rows` rows, every product on the kernel: first on one thread (BLAS's threads,
     which the kernel does not use), then split across fastbp's pool by the layers'
     units, then by the batch's rows (`_split_by_units`); the pool must take `calls`
@@ -162,9 +179,9 @@ def _bits_with_and_without_own_threads(rows, run, calls, hidden=512):
             _kernels._split_by_units(units)
             fastbp.set_num_threads(2)
             rng = np.random.default_rng(rows)
-            X = rng.normal(size=(rows, 300)).astype(np.float32)
+            X = rng.normal(size=(rows, 300)).astype(dtype)
             y = rng.integers(0, 10, size=rows)
-            net = fastbp.MLP([300, hidden, 10], dtype=np.float32, seed=0)
+            net = fastbp.MLP([300, hidden, 10], dtype=dtype, seed=0)
             before_calls = _kernels._own_threads_calls()
             results.append([np.asarray(a).tobytes() for a in run(net, X, y)])
             assert _kernels._own_threads_calls() - before_calls == calls * (mode == "always")
@@ -174,8 +191,9 @@ def _bits_with_and_without_own_threads(rows, run, calls, hidden=512):
         _kernels._split_by_units(before[1])
 
 
-@pytest.mark.parametrize("hidden", [512, 200])
-def test_own_threads_products_are_bitwise_the_kernels(own_threads, hidden):
+@pytest.mark.parametrize("hidden, dtype", [(512, np.float32), (200, np.float32),
+                                           (200, np.float64)])
+def test_own_threads_products_are_bitwise_the_kernels(own_threads, hidden, dtype):
     # the kernel's products split across the pool: every element the same FMA chain,
     # so the loss and the gradients have the bits of the one-thread kernel. With
     # 61 rows (uneven parts): the forward products split by the layers' units (200:
@@ -183,14 +201,16 @@ def test_own_threads_products_are_bitwise_the_kernels(own_threads, hidden):
     # by its rows, dW of the last (10 x hidden) by its columns
     def gradients(net, X, y):
         loss, dW, db = net.gradients(X, y)
-        return [np.float32(loss)] + dW + db
+        return [np.float64(loss)] + dW + db
 
-    one, units, rows = _bits_with_and_without_own_threads(61, gradients, calls=1, hidden=hidden)
+    one, units, rows = _bits_with_and_without_own_threads(61, gradients, calls=1, hidden=hidden,
+                                                          dtype=dtype)
     assert one == units == rows
 
 
-@pytest.mark.parametrize("rows, hidden", [(100, 512), (100, 200), (300, 512)])
-def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows, hidden):
+@pytest.mark.parametrize("rows, hidden, dtype", [(100, 512, np.float32), (100, 200, np.float32),
+                                                (300, 512, np.float32), (100, 200, np.float64)])
+def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows, hidden, dtype):
     # the momentum update folded into each part of a split weight gradient (a batch
     # one panel deep; 300 rows: a pass of its own): the parameters and buffer
     # after a first and a steady-state step have the bits of the one-thread
@@ -201,7 +221,8 @@ def test_own_threads_momentum_step_is_bitwise_the_kernels(own_threads, rows, hid
             net.step(X, y, opt)
         return [net.params, opt.momentum_buffer]
 
-    one, units, rows = _bits_with_and_without_own_threads(rows, steps, calls=2, hidden=hidden)
+    one, units, rows = _bits_with_and_without_own_threads(rows, steps, calls=2, hidden=hidden,
+                                                          dtype=dtype)
     assert one == units == rows
 
 

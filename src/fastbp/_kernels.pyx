@@ -273,21 +273,23 @@ ctypedef struct _GemmJob:
     void* C
 
 
-cdef inline void _slice(Py_ssize_t size, int part, int parts, Py_ssize_t* lo,
+cdef inline void _slice(Py_ssize_t size, int part, int parts, bint f64, Py_ssize_t* lo,
                         Py_ssize_t* hi) noexcept nogil:
     """Part `part` of `parts` of range(size), for a part of a product or a pass split
-    across fastbp's threads: cut at the nearest multiple of 16 elements (whole
-    cache lines of floats, so that no two threads write one line; and where
-    _smallgemm.h's kernel cuts a float32 layer's units, FBP_SPLIT_UNIT)."""
-    lo[0] = min((size * part // parts + 8) // 16 * 16, size)
-    hi[0] = size if part + 1 == parts else min((size * (part + 1) // parts + 8) // 16 * 16, size)
+    across fastbp's threads: cut at the nearest multiple of 16 floats or 8 doubles
+    (whole cache lines, so that no two threads write one line; and where
+    _smallgemm.h's kernel cuts a layer's units, FBP_SPLIT_UNIT)."""
+    cdef Py_ssize_t unit = 8 if f64 else 16
+    lo[0] = min((size * part // parts + unit // 2) // unit * unit, size)
+    hi[0] = (size if part + 1 == parts
+             else min((size * (part + 1) // parts + unit // 2) // unit * unit, size))
 
 
 cdef void _gemm_part(void* arg, int part, int parts) noexcept nogil:
     """Part `part` of the GEMM in arg (a _GemmJob): one BLAS call on its block of C."""
     cdef const _GemmJob* j = <const _GemmJob*>arg
     cdef Py_ssize_t start, end
-    _slice(j.M if j.by_rows else j.N, part, parts, &start, &end)
+    _slice(j.M if j.by_rows else j.N, part, parts, j.f64, &start, &end)
     cdef int lo = <int>start, hi = <int>end
     if lo >= hi:
         return
@@ -1049,7 +1051,7 @@ cdef inline void _sgd_span(const _SgdJob* j, Py_ssize_t lo, Py_ssize_t size) noe
 cdef void _sgd_part(void* arg, int part, int parts) noexcept nogil:
     cdef const _SgdJob* j = <const _SgdJob*>arg
     cdef Py_ssize_t lo, hi
-    _slice(j.size, part, parts, &lo, &hi)
+    _slice(j.size, part, parts, j.f64, &lo, &hi)
     if lo < hi:
         _sgd_span(j, lo, hi - lo)
 
@@ -1084,7 +1086,7 @@ cdef void _gemm_sgd_part(void* arg, int part, int parts) noexcept nogil:
     cdef const _GemmSgdJob* j = <const _GemmSgdJob*>arg
     cdef Py_ssize_t lo, hi, i, N = j.gemm.N
     _gemm_part(<void*>&j.gemm, part, parts)
-    _slice(j.gemm.M if j.gemm.by_rows else N, part, parts, &lo, &hi)
+    _slice(j.gemm.M if j.gemm.by_rows else N, part, parts, j.gemm.f64, &lo, &hi)
     if lo >= hi:
         return
     if j.gemm.by_rows:  # rows lo..hi of dW, one span
@@ -1184,7 +1186,7 @@ ctypedef struct _AdamJob:
 cdef void _adam_part(void* arg, int part, int parts) noexcept nogil:
     cdef const _AdamJob* j = <const _AdamJob*>arg
     cdef Py_ssize_t lo, hi
-    _slice(j.size, part, parts, &lo, &hi)
+    _slice(j.size, part, parts, j.f64, &lo, &hi)
     if lo >= hi:
         return
     if j.f64:

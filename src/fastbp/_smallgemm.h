@@ -294,18 +294,29 @@ static long fbp_own_threads_calls = 0;
  *   nothing to split), 1024-1024-1024-10 on 256 rows 1.01x and 4096-4096-4096 on
  *   512 rows 1.00x (products of 2^28 multiply-adds and more, where BLAS's own
  *   two threads do as well as two halves);
- * - so: float32 batches of 32-1,024 rows with a layer of 2^20 multiply-adds or
- *   more and none of 2^28 or more. Not float64 (784-256-128-10 on 32 rows 0.84x,
- *   on the first machine), nor fewer than 32 rows. */
+ * - float64 lost on the first machine (784-256-128-10 on 32 rows 0.84x). With the
+ *   backward kernel and products split by units (Emerald Rapids, 8-10 rounds,
+ *   against dgemm's two threads): 784-256-128-10 on 128 rows plain SGD
+ *   1.17-1.20x, momentum 1.38x, Adam 1.46x, on 64 rows with momentum 1.36x, on
+ *   32 rows 1.13x; 784-128-10 on 32 rows 1.16x, on 64 rows 1.26x, on 128 rows
+ *   with Adam 1.35x; 300-64-10 on 64 rows 1.48x; 1024-256-10 on 128 rows 1.21x;
+ *   784-300-100-10 on 128 rows 1.12x; 784-512-512-10 on 64 rows 1.11x; but
+ *   even or worse with a layer above 2^25 multiply-adds (784-400-10 on 128 rows
+ *   1.01x, 784-512-512-10 on 128 rows 0.89-0.98x with plain SGD, 1.10x with
+ *   momentum) or on more rows (784-256-128-10 on 192 rows 1.01x, on 256 1.00x,
+ *   on 512 1.03x, on 1,024 1.00x; 784-1024-10 on 256 1.02x);
+ * - so: batches of 32-1,024 rows (float64: up to 128) with a layer of 2^20
+ *   multiply-adds or more and none of 2^28 or more (float64: above 2^25). Not
+ *   fewer than 32 rows. */
 static int fbp_pool_takes(ptrdiff_t n, ptrdiff_t n_layers, const ptrdiff_t *sizes, int f64,
                           int threads)
 {
     int big = 0;
-    if (fbp_tn_on != 1 || threads < 2 || f64 || n < 32 || n > 1024)
+    if (fbp_tn_on != 1 || threads < 2 || n < 32 || n > (f64 ? 128 : 1024))
         return 0;
     for (ptrdiff_t l = 0; l < n_layers; l++) {
         double mac = (double)n * (double)sizes[l] * (double)sizes[l + 1];
-        if (mac >= 268435456.0)
+        if (f64 ? mac > 33554432.0 : mac >= 268435456.0)
             return 0;
         big |= mac >= 1048576.0;
     }
@@ -767,9 +778,9 @@ static int GEMM_SGD(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const T *A, ptrdiff_t
 /* Where a split product's parts are cut (multiples of this many rows or columns): a
  * layer's units (the columns of a forward product, the rows of a weight gradient,
  * op(A) = dZ.T) at whole vectors (L elements), so that both products cut W's rows
- * in the same places, and in float32 BLAS's parts of them too (the module's _slice
- * cuts at 16 elements), and a layer of 200 units splits 96 / 104 (at panels of
- * 2 L, rounded up: 128 / 72); a batch's rows at blocks of 8. */
+ * in the same places, and BLAS's parts of them too (the module's _slice cuts at
+ * whole cache lines: 16 floats, 8 doubles), and a layer of 200 units splits
+ * 96 / 104 (at panels of 2 L, rounded up: 128 / 72); a batch's rows at blocks of 8. */
 #define FBP_SPLIT_UNIT(q, by_rows, L) (!(by_rows) || ((q)->b_rows && (q)->a_rs == 1) ? (L) : 8)
 
 /* One case of NAME##_panel's switch. */
