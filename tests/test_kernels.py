@@ -491,6 +491,34 @@ def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, case, w0, 
         np.testing.assert_allclose(params[0], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("case, w0, status", [
+    ("the loss is not finite", np.inf, 1),
+    ("dW = dZ.T @ X overflows float32 (2e40)", 1e-20, 1),
+    # beyond the bound a step can prove safe without its own pass (2**128), yet finite
+    ("the gradient is finite but near the float32 limit", 1e-22, 0),
+])
+def test_mlp_adam_step_refuses_non_finite_gradients(kernels, case, w0, status):
+    # the network of the SGD test above: dW = 2 * (1e30 * w0) * 1e30
+    X = np.array([[1e30, 0.0]], np.float32)
+    params = np.array([w0, 0.0, 0.0], np.float32)
+    m, v = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    before = params.copy(), m.copy(), v.copy()
+    with np.errstate(all="ignore"):
+        value, got = kernels.mlp_adam_step(X, None, np.zeros((1, 1), np.float32), params, (2, 1),
+                                           (), "mse", "identity", np.empty(1, np.float32),
+                                           np.empty(1, np.float32), np.empty(3, np.float32), m, v,
+                                           None, 1, 1e-3)
+    assert got == status, case
+    if status:
+        for array, old in zip((params, m, v), before):
+            np.testing.assert_array_equal(array, old)
+    else:
+        # m = 0.9 * m + 0.1 * dW
+        expected = 0.9 * 0.5 + 0.1 * (2 * (1e30 * np.float32(w0)) * 1e30)
+        np.testing.assert_allclose(m[0], expected, rtol=1e-5)
+
+
 ADAM = st.fixed_dictionaries(dict(
     beta1=st.sampled_from([0.9, 0.3]), beta2=st.sampled_from([0.999, 0.9]),
     weight_decay=st.sampled_from([0.0, 0.1]), decoupled_weight_decay=st.booleans(),
