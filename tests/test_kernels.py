@@ -463,14 +463,16 @@ def check_sgd_step(impl, X, labels, targets, params, buf, sizes, acts, loss, out
 
 
 @pytest.mark.parametrize("kernels", BACKENDS)
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 0.5)])
 @pytest.mark.parametrize("case, w0, status", [
     ("the loss is not finite", np.inf, 1),
     ("dW = dZ.T @ X overflows float32 (2e40)", 1e-20, 1),
     # beyond the bound the folded step can prove safe (2**128), yet finite (2e38)
     ("the gradient is finite but near the float32 limit", 1e-22, 0),
 ])
-def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, case, w0, status):
+def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, weight_decay, case, w0,
+                                                   status):
+    # (weight decay: the unfolded path; its w0 * 0.5 is lost beside dW)
     # one sample, one linear unit, mse: A = 1e30 * w0, dZ = 2 * A, dW = dZ * 1e30
     X = np.array([[1e30, 0.0]], np.float32)
     params = np.array([w0, 0.0, 0.0], np.float32)
@@ -480,7 +482,7 @@ def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, case, w0, 
         value, got = kernels.mlp_sgd_step(X, None, np.zeros((1, 1), np.float32), params, (2, 1), (),
                                           "mse", "identity", np.empty(1, np.float32),
                                           np.empty(1, np.float32), np.empty(3, np.float32), buf,
-                                          1e-30, momentum=momentum)
+                                          1e-30, momentum=momentum, weight_decay=weight_decay)
     assert got == status, case
     if status:
         np.testing.assert_array_equal(params, before[0])

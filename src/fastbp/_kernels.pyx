@@ -1460,7 +1460,8 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
     the products), and `_gradients_bounded` rules out overflow inside the
     GEMMs, so a step is refused exactly when the unfolded one would be. When
     the bound does not hold, and for weight decay, nesterov and maximize, the
-    step takes the unfolded path: the whole gradient, its check, `_sgd_loop`.
+    step takes the unfolded path: the whole gradient, `_sgd_loop` (with a
+    pass to check the gradient first only where the bound does not hold).
     """
     cdef Py_ssize_t l, i, n_in, n_out, lo, hi, n_params
     cdef Py_ssize_t w_off[MAX_LAYERS + 1]
@@ -1477,10 +1478,11 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
         return 1
     for l in range(n_layers - 1, 0, -1):
         _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
-    if not (fold and _gradients_bounded(X, A, D, n, n_layers, sizes, a_off)):
+    cdef bint bounded = _gradients_bounded(X, A, D, n, n_layers, sizes, a_off)
+    if not (fold and bounded):
         for l in range(n_layers):
             _layer_gradient(X, A, D, grad, n, l, sizes, w_off, a_off)
-        if not _all_finite_loop(grad, n_params):
+        if not bounded and not _all_finite_loop(grad, n_params):
             return 1
         _sgd_loop(params, grad, buf, n_params, lr, momentum, dampening_complement, nesterov,
                   weight_decay, maximize, first_step)
