@@ -163,6 +163,29 @@ def test_own_threads_train_float64_as_blas_does(own_threads, how, optimizer):
     np.testing.assert_allclose(net.params, reference.params, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("rows", [128, 61])
+def test_own_threads_epoch_is_bitwise_its_steps(own_threads, rows):
+    # a compiled epoch on the pool (its batches of 128 x 300 gathered by both
+    # threads, a share each; the last of 61 rows by one) makes the network that
+    # net.step makes on the same batches, bit for bit
+    _kernels._own_threads("always")
+    fastbp.set_num_threads(2)
+    rng = np.random.default_rng(rows)
+    X = rng.normal(size=(3 * 128 + rows, 300)).astype(np.float32)
+    y = rng.integers(0, 10, size=len(X))
+    order = rng.permutation(len(X))
+    nets = [fastbp.MLP([300, 128, 10], seed=0) for _ in range(2)]
+    opts = [fastbp.SGD(net.params, lr=0.05, momentum=0.9) for net in nets]
+    calls = _kernels._own_threads_calls()
+    nets[0]._compiled_epoch(X, y, order, 128, opts[0], np.zeros(1, np.int8))
+    for lo in range(0, len(X), 128):
+        batch = order[lo:lo + 128]
+        nets[1].step(X[batch], y[batch], opts[1])
+    assert _kernels._own_threads_calls() - calls == 5
+    assert nets[0].params.tobytes() == nets[1].params.tobytes()
+    assert opts[0].momentum_buffer.tobytes() == opts[1].momentum_buffer.tobytes()
+
+
 def _bits_with_and_without_own_threads(rows, run, calls, hidden=512, dtype=np.float32):
     """run(X, y) -> a list of arrays, on a 300-`hidden`-10 network of `dtype` and a batch of
     `rows` rows, every product on the kernel: first on one thread (BLAS's threads,
