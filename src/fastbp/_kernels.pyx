@@ -1434,6 +1434,25 @@ cdef bint _gradients_bounded(const floating* X, const floating* A, const floatin
     return True
 
 
+cdef int _deltas_checked(const floating* X, const int64_t* labels, const floating* T,
+                         const floating* params, floating* A, floating* D, Py_ssize_t n,
+                         Py_ssize_t n_layers, const Py_ssize_t* sizes, const Py_ssize_t* w_off,
+                         const Py_ssize_t* a_off, const int* acts, int loss,
+                         double* loss_out) noexcept nogil:
+    """A step's forward pass, loss and every layer's delta, through the old weights:
+    -1 if the loss is not finite (the step is refused), else 1 where
+    `_gradients_bounded` proves the gradient finite, 0 where only a pass over it can
+    tell."""
+    cdef Py_ssize_t l
+    _mlp_forward_loss(X, labels, T, params, A, D, n, n_layers, sizes, w_off, a_off, acts, loss,
+                      loss_out)
+    if not (loss_out[0] - loss_out[0] == 0):
+        return -1
+    for l in range(n_layers - 1, 0, -1):
+        _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
+    return 1 if _gradients_bounded(X, A, D, n, n_layers, sizes, a_off) else 0
+
+
 cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floating* T,
                             floating* params, floating* A, floating* D, floating* grad,
                             floating* buf, Py_ssize_t n, Py_ssize_t n_layers,
@@ -1472,13 +1491,11 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
     cdef bint fold = not (nesterov or maximize or weight_decay != 0)
     _layer_offsets(n, n_layers, sizes, w_off, a_off)
     n_params = w_off[n_layers]
-    _mlp_forward_loss(X, labels, T, params, A, D, n, n_layers, sizes, w_off, a_off, acts, loss,
-                      loss_out)
-    if not (loss_out[0] - loss_out[0] == 0):
+    cdef int checked = _deltas_checked(X, labels, T, params, A, D, n, n_layers, sizes, w_off,
+                                       a_off, acts, loss, loss_out)
+    if checked < 0:
         return 1
-    for l in range(n_layers - 1, 0, -1):
-        _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
-    cdef bint bounded = _gradients_bounded(X, A, D, n, n_layers, sizes, a_off)
+    cdef bint bounded = checked == 1
     if not (fold and bounded):
         for l in range(n_layers):
             _layer_gradient(X, A, D, grad, n, l, sizes, w_off, a_off)
@@ -1540,17 +1557,14 @@ cdef int _mlp_adam_step_loop(const floating* X, const int64_t* labels, const flo
     cdef Py_ssize_t w_off[MAX_LAYERS + 1]
     cdef Py_ssize_t a_off[MAX_LAYERS]
     _layer_offsets(n, n_layers, sizes, w_off, a_off)
-    _mlp_forward_loss(X, labels, T, params, A, D, n, n_layers, sizes, w_off, a_off, acts, loss,
-                      loss_out)
-    if not (loss_out[0] - loss_out[0] == 0):
+    cdef int checked = _deltas_checked(X, labels, T, params, A, D, n, n_layers, sizes, w_off,
+                                       a_off, acts, loss, loss_out)
+    if checked < 0:
         return 1
-    for l in range(n_layers - 1, 0, -1):
-        _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
-    cdef bint bounded = _gradients_bounded(X, A, D, n, n_layers, sizes, a_off)
     for l in range(n_layers):
         _layer_gradient(X, A, D, grad, n, l, sizes, w_off, a_off)
     cdef Py_ssize_t n_params = w_off[n_layers]
-    if not bounded and not _all_finite_loop(grad, n_params):
+    if checked == 0 and not _all_finite_loop(grad, n_params):
         return 1
     _adam_loop(params, grad, m, v, vmax, n_params, <floating>(-(lr / (1 - beta1 ** step))),
                <floating>(1 - beta1), <floating>beta2, <floating>(1 - beta2),
