@@ -13,8 +13,9 @@ than one level of parallelism:
   there).
 - The training steps, epochs and gradients of float32 networks on batches of
   32-1,024 rows with a layer of 2^20 multiply-adds or more and none of 2^28 or
-  more (MNIST-sized networks and up to a few thousand units per layer), and
-  their forward passes of 32 rows or more (``predict``, ``evaluate``, fit's
+  more (MNIST-sized networks and up to a few thousand units per layer), of
+  float64 networks on batches of 32-128 rows with such a layer and none above
+  2^25, and their forward passes of 32 rows or more (``predict``, ``evaluate``, fit's
   validation), run on fastbp's own threads instead, as many as BLAS has: for
   the length of the call, SciPy's OpenBLAS is set to one thread and every
   product is split across fastbp's threads (1.02-1.30x faster steps on two
@@ -22,10 +23,10 @@ than one level of parallelism:
   each thread reads and updates its own rows of W). That switch is visible to
   other Python threads that call SciPy's BLAS at the same moment (their
   products run on one thread meanwhile), and a thread count changed by another
-  thread during such a call is overwritten when it ends. With ``set_num_threads(1)``, with a BLAS other than
-  OpenBLAS, or off Linux, fastbp starts no threads. Its threads spin for up to
-  a millisecond after their last job, then sleep; after ``fork()`` the child
-  starts its own.
+  thread during such a call is overwritten when it ends. With
+  ``set_num_threads(1)``, with a BLAS other than OpenBLAS, or off Linux, fastbp
+  starts no threads. Its threads spin for up to a millisecond after their last
+  job, then sleep; after ``fork()`` the child starts its own.
 
 `set_num_threads` sets the thread count of every BLAS library loaded in the
 process (NumPy's too, as ``torch.set_num_threads`` sets PyTorch's for all its
