@@ -146,6 +146,7 @@ cdef extern from "_smallgemm.h" nogil:
     int fbp_fold_momentum
     int fbp_split_units
     bint fbp_split_by_units(Py_ssize_t batch)
+    Py_ssize_t fbp_split_at(Py_ssize_t size, int k, int parts, Py_ssize_t unit)
     int fbp_gemm_sgd_f32(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float* A, Py_ssize_t lda,
                          const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc, float* param,
                          float* buf, float lr, float momentum, float dc, int first)
@@ -278,11 +279,10 @@ cdef inline void _slice(Py_ssize_t size, int part, int parts, bint f64, Py_ssize
     """Part `part` of `parts` of range(size), for a part of a product or a pass split
     across fastbp's threads: cut at the nearest multiple of 16 floats or 8 doubles
     (whole cache lines, so that no two threads write one line; and where
-    _smallgemm.h's kernel cuts a layer's units, FBP_SPLIT_UNIT)."""
+    _smallgemm.h's kernel cuts a layer's units: `fbp_split_at`, FBP_SPLIT_UNIT)."""
     cdef Py_ssize_t unit = 8 if f64 else 16
-    lo[0] = min((size * part // parts + unit // 2) // unit * unit, size)
-    hi[0] = (size if part + 1 == parts
-             else min((size * (part + 1) // parts + unit // 2) // unit * unit, size))
+    lo[0] = fbp_split_at(size, part, parts, unit)
+    hi[0] = fbp_split_at(size, part + 1, parts, unit)
 
 
 cdef void _gemm_part(void* arg, int part, int parts) noexcept nogil:

@@ -268,6 +268,17 @@ static inline int fbp_split_by_units(ptrdiff_t batch)
     return fbp_split_units && batch < 256;
 }
 
+/* Where part k of `parts` of range(size) starts (k = parts: size) when a product or
+ * a pass is split across the pool: at k * size / parts rounded to the nearest
+ * multiple of `unit`. The kernel's parts (NAME##_part) and the module's (its
+ * _slice: BLAS's parts, the optimizer passes) cut here alike, so that a layer's
+ * units fall to the same thread in every product. */
+static inline ptrdiff_t fbp_split_at(ptrdiff_t size, int k, int parts, ptrdiff_t unit)
+{
+    ptrdiff_t at = (size * k / parts + unit / 2) / unit * unit;
+    return k == parts || at > size ? size : at;
+}
+
 /* 1: a whole-network call (a step, an epoch, a gradient) runs on fastbp's own
  * threads where fbp_pool_takes says; 2: wherever BLAS has several threads (tests);
  * 0: never. Tests and benchmarks switch it. */
@@ -682,19 +693,15 @@ static void NAME##_block(const NAME##_job *job, ptrdiff_t r0, ptrdiff_t r1, ptrd
 }                                                                                        \
                                                                                          \
 /* A product split across fastbp's pool (_pool.h), by rows of C or by its columns        \
- * (FBP_SPLIT_BY_ROWS), part p of parts starting at p * size / parts rounded to the      \
- * nearest multiple of FBP_SPLIT_UNIT. Each element is the same FMA chain as on one      \
- * thread, so the same bits. */                                                          \
+ * (FBP_SPLIT_BY_ROWS), cut by fbp_split_at at multiples of FBP_SPLIT_UNIT. Each element \
+ * is the same FMA chain as on one thread, so the same bits. */                          \
 static void NAME##_part(void *arg, int part, int parts)                                  \
 {                                                                                        \
     const NAME##_job *q = (const NAME##_job *)arg;                                       \
     const ptrdiff_t by_rows = FBP_SPLIT_BY_ROWS(q), size = by_rows ? q->m : q->n;        \
     const ptrdiff_t unit = FBP_SPLIT_UNIT(q, by_rows, L);                                \
-    ptrdiff_t lo = (size * part / parts + unit / 2) / unit * unit;                       \
-    ptrdiff_t hi = part + 1 == parts ? size                                              \
-                                     : (size * (part + 1) / parts + unit / 2) / unit * unit; \
-    if (hi > size)                                                                       \
-        hi = size;                                                                       \
+    const ptrdiff_t lo = fbp_split_at(size, part, parts, unit);                          \
+    const ptrdiff_t hi = fbp_split_at(size, part + 1, parts, unit);                      \
     if (lo >= hi)                                                                        \
         return;                                                                          \
     if (by_rows)                                                                         \
