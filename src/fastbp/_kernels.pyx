@@ -1467,7 +1467,8 @@ cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floa
     ``W += -lr * dZ.T @ X`` (beta = 1): the gradient is never written out nor
     read back (12-20% faster steps on the bench workloads). With momentum, where
     _smallgemm.h's kernel makes a layer's gradient on a batch of up to 128 rows,
-    the update of W and its buffer is folded into the product the same way
+    and for small float32 layers on up to 32 rows (fbp_gemm_sgd_takes_for), the
+    update of W and its buffer is folded into the product the same way
     (`_gemm_sgd`: 1.03-1.04x on 64-128 rows); elsewhere each layer's gradient
     goes through `_sgd_loop` right after its GEMM, while it is in cache (folding
     ``buf = momentum * buf + dW`` into a BLAS GEMM measured no faster: BLAS
