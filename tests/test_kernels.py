@@ -1222,16 +1222,16 @@ def test_gradient_products_take_the_shapes_they_measured_faster_on():
     assert not takes("momentum", 256, 1024, 256, 1)  # two panels: a pass of its own
     assert takes("weights", 256, 1024, 256, 1)
     # ... and below 2^20, where BLAS makes the plain product, on one thread where the
-    # pass the fold saves is large beside it: float32 batches of up to 32 rows onto
-    # 64 units or more, from 2^17 multiply-adds (2^16 on up to 16 rows), such as the
-    # digits network's first layer
-    for shape in [(32, 64, 128), (32, 32, 128), (16, 64, 64), (8, 32, 256), (32, 256, 64)]:
+    # pass the fold saves is large beside it: float32 batches of up to 16 rows onto
+    # 64 units or more from 2^16 multiply-adds, of up to 32 rows onto 128 or more
+    # from 2^17, such as the digits network's first layer
+    for shape in [(32, 64, 128), (32, 32, 128), (32, 128, 128), (16, 64, 64), (8, 32, 256)]:
         assert all(takes("momentum", *shape, t) for t in (0, 1, 2)), shape
         assert not any(takes("weights", *shape, t) for t in (0, 1, 2)), shape
         assert not takes("momentum", *shape, 1, True), shape  # float64: a pass of its own
         assert not takes("momentum", *shape, 1, parts=2), shape
-    for shape in [(32, 64, 32), (32, 32, 64), (16, 32, 64), (32, 128, 10), (64, 64, 128),
-                  (128, 64, 64)]:
+    for shape in [(32, 64, 32), (32, 64, 64), (32, 256, 64), (16, 32, 64), (16, 64, 32),
+                  (32, 128, 10), (64, 64, 128), (128, 64, 64)]:
         assert not any(takes("momentum", *shape, t) for t in (0, 1, 2)), shape
     with pytest.raises(ValueError, match="'weights', 'momentum' or 'inputs'"):
         takes("bias", 128, 784, 256, 1)

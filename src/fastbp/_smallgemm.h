@@ -219,20 +219,22 @@ static inline int fbp_gemm_takes_for(char transa, char transb, ptrdiff_t M, ptrd
  * 64 rows 1.037x and 1.128x, 784-128-10 on 64 rows 1.032x and 1.042x.
  * Below 2^20 multiply-adds, where OpenBLAS's small-matrix path makes the plain
  * product faster (0.6-1.0x), the fold still wins on one thread where the pass it
- * saves is large beside the product: float32 batches of up to 32 rows onto 64
- * units or more, from 2^17 multiply-adds (2^16 on up to 16 rows). In C, Emerald
- * Rapids, against BLAS's product and fbp_sgd's pass, BLAS on one thread (on two:
- * the same or less, as it keeps such products to one): 32 x 64 x 128 (the digits
- * network's first layer) 1.04-1.21x, 32 x 32 x 128 1.06-1.12x, 32 x 128 x 64
- * 1.14x, 32 x 256 x 64 1.01x, 16 x 64 x 64 1.08-1.23x, 8 x 32 x 256 1.29-1.48x;
- * fewer units or multiply-adds lose (32 x 64 x 32 0.93x, 32 x 32 x 64 0.96x, 32 x
- * 128 x 10 0.73x), and so do more rows (64 x 64 x 128 1.02x, 128 x 64 x 64 0.96x).
+ * saves is large beside the product: float32 batches of up to 16 rows onto 64
+ * units or more from 2^16 multiply-adds, and of up to 32 rows onto 128 or more from
+ * 2^17. In C, Emerald Rapids, against BLAS's product and fbp_sgd's pass, over four
+ * sweeps (BLAS on one thread and on two, pinned and not; n x n_in x n_out): 32 x 64
+ * x 128 (the digits network's first layer) 0.99-1.21x, 32 x 32 x 128 1.06-1.12x,
+ * 32 x 128 x 128 1.02-1.15x, 32 x 32 x 256 1.10-1.20x, 16 x 64 x 64 1.08-1.23x,
+ * 16 x 128 x 64 1.04-1.43x, 8 x 32 x 256 1.29-1.48x, 8 x 128 x 64 1.12-1.48x; not
+ * 32 rows onto 64 units (32 x 64 x 64 0.94-1.15x, 32 x 128 x 64 0.99-1.14x), fewer
+ * units or multiply-adds (32 x 64 x 32 0.93x, 16 x 64 x 32 0.94x, 32 x 128 x 10
+ * 0.73x) nor more rows (64 x 64 x 128 1.02x, 128 x 64 x 64 0.96x).
  * A digits-network epoch (64-128-10, 32 rows, momentum): 1.025-1.028x. */
 static inline int fbp_gemm_sgd_takes_for(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads,
                                          int f64, int parts)
 {
     double mac = (double)M * (double)N * (double)K;
-    if (!f64 && parts <= 1 && K <= 32 && M >= 64 && mac < 1048576.0
+    if (!f64 && parts <= 1 && K <= 32 && M >= (K <= 16 ? 64 : 128) && mac < 1048576.0
         && mac >= (K <= 16 ? 65536.0 : 131072.0))
         return 1;
     return K <= FBP_TN_MAX_K && fbp_gemm_takes_for('T', 'N', M, N, K, threads, f64, parts);
@@ -633,8 +635,8 @@ static inline void NAME##_panel(const T *X, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t
      * of a plain product, of a folded update, and of a relu layer's forward product.   \
      * With the flags read at run time, the accumulators were spilled around the        \
      * stores: in C on one thread (Emerald Rapids, alternating rounds), 32 x 64 x 128   \
-     * products 1.06-1.10x faster this way (forward, weight gradient, folded update),   \
-     * 32 x 64 x 32 1.08-1.14x, 32 x 128 x 10 input gradients 1.21x; 1.00-1.04x from     \
+     * products 1.07-1.11x faster this way (forward, weight gradient, folded update),   \
+     * 32 x 64 x 32 1.08-1.19x, 32 x 128 x 10 input gradients 1.21x; 1.00-1.04x from     \
      * 2^22 multiply-adds. The same operations, so the same bits. */                    \
     if (w == NV * L && !init && !add && alpha == 1 && b == NULL) {                       \
         if (u == NULL)                                                                   \
