@@ -155,5 +155,12 @@ def test_compiled_layer_sums_match_their_numpy_specification(dtype, moved):
         _kernels._layer_sums(params, before, grad, A[:10], n, sizes, activations, True, 0.01)
     with pytest.raises(ValueError, match="describe"):
         _kernels._layer_sums(params, before, grad, A, n, sizes, activations[:-1], True, 0.01)
+    with pytest.raises(TypeError, match="one float type"):
+        _kernels._layer_sums(params, before.astype(np.float64 if params.dtype == np.float32
+                                                   else np.float32), grad, A, n, sizes,
+                             activations, True, 0.01)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _kernels._layer_sums(params, before, grad, np.repeat(A, 2)[::2], n, sizes, activations,
+                             True, 0.01)
     with pytest.raises(ValueError, match="activation"):
         _kernels._layer_sums(params, before, grad, A, n, sizes, ("softplus",) * 4, True, 0.01)

@@ -601,6 +601,70 @@ def test_mlp_adam_epoch_is_its_steps_bit_for_bit(dtype, n, batch_size, seed, ada
                                atol=(1e-3 if dtype == np.float32 else 1e-9) * (np.abs(params).max() + 1))
 
 
+def _epoch_arrays(dtype, loss, n=23, batch_size=5, seed=0):
+    """A 3-7-2 network's epoch call: its arguments up to the optimizer's, beside
+    the arrays it updates (params, then the workspace)."""
+    rng = np.random.default_rng(seed)
+    sizes, n_params, rows = (3, 7, 2), 4 * 7 + 8 * 2, batch_size
+    X = rng.normal(size=(n, 3)).astype(dtype)
+    labels = rng.integers(0, 2, size=n) if loss == "cross_entropy" else None
+    targets = rng.normal(size=(n, 2)).astype(dtype) if labels is None else None
+    params = rng.normal(size=n_params).astype(dtype)
+    args = (X, labels, targets, rng.permutation(n), batch_size, params, sizes, ("tanh",), loss,
+            "identity", np.empty(rows * 9, dtype), np.empty(rows * 9, dtype),
+            np.empty(n_params, dtype), np.empty((rows, 3), dtype),
+            None if labels is None else np.empty(rows, np.int64),
+            None if targets is None else np.empty((rows, 2), dtype))
+    return args, n_params
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_compiled_epoch_reads_plain_arrays_as_it_reads_any_buffer(dtype, loss, optimizer):
+    # plain ndarrays take a path through NumPy's C API; anything else with the
+    # buffer protocol (here the order as a memoryview) the typed-memoryview path:
+    # the same epoch, bit for bit
+    runs = []
+    for wrap in (lambda a: a, memoryview):
+        args, n_params = _epoch_arrays(dtype, loss)
+        args = args[:3] + (wrap(args[3]),) + args[4:]
+        stop = np.zeros(1, np.int8)
+        if optimizer == "adam":
+            state = [np.zeros(n_params, dtype) for _ in range(3)]
+            out = _kernels.mlp_adam_epoch(*args, *state, stop, 1, 0.01, amsgrad=True)
+        else:
+            state = [np.zeros(n_params, dtype)]
+            out = _kernels.mlp_sgd_epoch(*args, state[0], stop, 0.1,
+                                         momentum=0.9 if optimizer == "momentum" else 0.0)
+        runs.append((out, args[5], state))
+    (out, params, state), (eout, eparams, estate) = runs
+    assert out == eout and out[1:] == (5, 0)
+    np.testing.assert_array_equal(params, eparams)
+    for a, b in zip(state, estate):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_compiled_epoch_call_allocates_nothing(loss, optimizer):
+    # a fit calls it every epoch: no memoryview objects (the path through them
+    # allocates a few hundred bytes a call)
+    from fastbp.bench import step_allocations
+
+    args, n_params = _epoch_arrays(np.float32, loss)
+    stop = np.zeros(1, np.int8)
+    if optimizer == "adam":
+        state = [np.zeros(n_params, np.float32) for _ in range(2)]
+        call, rest = _kernels.mlp_adam_epoch, (*state, None, stop, 1, 0.01)
+    else:
+        call, rest = _kernels.mlp_sgd_epoch, (np.zeros(n_params, np.float32), stop, 0.01, 0.9)
+    kept, peak = step_allocations(call, args + rest)
+    # the returned (loss_sum, steps, status) and its float at most (the path
+    # through typed memoryviews peaks at about 3 KB a call)
+    assert kept <= 128 and peak <= 128, (kept, peak)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("kernels", BACKENDS)
 def test_mlp_adam_refuses_non_finite_steps(kernels):

@@ -2136,25 +2136,33 @@ def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple size
 # ---------------------------------------------------------------------------
 # Per-layer sums for fastbp.diagnostics (not part of the kernel API)
 
-cdef double _sum_squares(const floating* a, const floating* b, Py_ssize_t size,
-                         bint sub) noexcept nogil:
-    if floating is float:
-        return fbp_sum_squares_f32(a, b, size, sub)
-    else:
-        return fbp_sum_squares_f64(a, b, size, sub)
+cdef object _sums_direct(object params, object before, object grad, object A, Py_ssize_t n,
+                         tuple sizes, tuple activations, bint moved,
+                         double saturation_fraction):
+    """`_layer_sums` on plain ndarrays read through NumPy's C API (a memoryview each
+    cost about 3 us a call, which fit pays every epoch), or None when they are not
+    all C-contiguous arrays of one float type."""
+    if not cnp.PyArray_Check(params):
+        return None
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>params)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64 or not _c_array(params, t, 1, False)
+            or not _c_array(before, t, 1, False) or not _c_array(grad, t, 1, False)
+            or not _c_array(A, t, 1, False)):
+        return None
+    return _sums_on(t, cnp.PyArray_DATA(<cnp.ndarray>params),
+                    cnp.PyArray_DATA(<cnp.ndarray>before), cnp.PyArray_DATA(<cnp.ndarray>grad),
+                    cnp.PyArray_DATA(<cnp.ndarray>A), cnp.PyArray_DIM(<cnp.ndarray>params, 0),
+                    cnp.PyArray_DIM(<cnp.ndarray>before, 0), cnp.PyArray_DIM(<cnp.ndarray>grad, 0),
+                    cnp.PyArray_DIM(<cnp.ndarray>A, 0), n, sizes, activations, moved,
+                    saturation_fraction)
 
 
-def _layer_sums(const floating[::1] params, const floating[::1] before,
-                const floating[::1] grad, const floating[::1] A, Py_ssize_t n, tuple sizes,
-                tuple activations, bint moved, double saturation_fraction):
-    """What `fastbp.diagnostics.layer_statistics` needs, in one pass without the GIL
-    (its `_layer_sums_numpy` is the specification). Row l of the returned (n_layers,
-    5) float64 array: the sum of squares of layer l's gradient (W and b), of its W in
-    `before`, of its W's change ``params - before`` (when `moved`; else 0), the
-    count of saturated activations (sigmoid, tanh) and of dead units (relu; the
-    activation is 0 or less on all n rows). A holds the activations of n rows in
-    `mlp_gradients`' layout; activations[l] names hidden layer l's activation."""
-    cdef Py_ssize_t n_layers = len(sizes) - 1, l, n_in, n_out, lo, w_end
+cdef object _sums_on(int t, const void* params, const void* before, const void* grad,
+                     const void* A, Py_ssize_t params_len, Py_ssize_t before_len,
+                     Py_ssize_t grad_len, Py_ssize_t A_len, Py_ssize_t n, tuple sizes,
+                     tuple activations, bint moved, double saturation_fraction):
+    """The body of `_layer_sums` on arrays of NumPy type t."""
+    cdef Py_ssize_t n_layers = len(sizes) - 1, l, n_in, n_out, lo, w_end, size
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef Py_ssize_t w_off[MAX_LAYERS + 1]
     cdef Py_ssize_t a_off[MAX_LAYERS]
@@ -2168,39 +2176,78 @@ def _layer_sums(const floating[::1] params, const floating[::1] before,
     for l in range(n_layers):
         codes[l] = _activation_code(activations[l], ACTIVATIONS) if l < n_layers - 1 else -1
     _layer_offsets(n, n_layers, c_sizes, w_off, a_off)
-    if (params.shape[0] != w_off[n_layers] or before.shape[0] != w_off[n_layers]
-            or grad.shape[0] != w_off[n_layers]
-            or A.shape[0] < a_off[n_layers - 1] + n * c_sizes[n_layers]):
+    if (params_len != w_off[n_layers] or before_len != w_off[n_layers]
+            or grad_len != w_off[n_layers] or A_len < a_off[n_layers - 1] + n * c_sizes[n_layers]):
         raise ValueError("params, before, grad or A do not fit the sizes")
     cdef cnp.npy_intp dims[2]
     dims[0], dims[1] = n_layers, 5
     out = cnp.PyArray_ZEROS(2, dims, cnp.NPY_FLOAT64, 0)
-    cdef double[:, ::1] o = out
-    cdef const floating* a
-    cdef floating below
+    cdef double* o = <double*>cnp.PyArray_DATA(<cnp.ndarray>out)
+    cdef bint f32 = t == cnp.NPY_FLOAT32
+    cdef size_t s = 4 if f32 else 8
+    cdef const char* pp = <const char*>params
+    cdef const char* pb = <const char*>before
+    cdef const char* pg = <const char*>grad
+    cdef const char* a
     with nogil:
         for l in range(n_layers):
             n_in, n_out = c_sizes[l], c_sizes[l + 1]
             lo, w_end = w_off[l], w_off[l] + n_out * n_in
-            o[l, 0] = _sum_squares(&grad[lo], NULL, w_off[l + 1] - lo, False)
-            o[l, 1] = _sum_squares(&before[lo], NULL, w_end - lo, False)
-            if moved:
-                o[l, 2] = _sum_squares(&params[lo], &before[lo], w_end - lo, True)
+            if f32:
+                o[5 * l] = fbp_sum_squares_f32(<const float*>(pg + lo * s), NULL,
+                                               w_off[l + 1] - lo, False)
+                o[5 * l + 1] = fbp_sum_squares_f32(<const float*>(pb + lo * s), NULL,
+                                                   w_end - lo, False)
+                if moved:
+                    o[5 * l + 2] = fbp_sum_squares_f32(<const float*>(pp + lo * s),
+                                                       <const float*>(pb + lo * s), w_end - lo,
+                                                       True)
+            else:
+                o[5 * l] = fbp_sum_squares_f64(<const double*>(pg + lo * s), NULL,
+                                               w_off[l + 1] - lo, False)
+                o[5 * l + 1] = fbp_sum_squares_f64(<const double*>(pb + lo * s), NULL,
+                                                   w_end - lo, False)
+                if moved:
+                    o[5 * l + 2] = fbp_sum_squares_f64(<const double*>(pp + lo * s),
+                                                       <const double*>(pb + lo * s), w_end - lo,
+                                                       True)
             if n == 0:
                 continue
-            a = &A[0] + a_off[l]
+            a = <const char*>A + a_off[l] * s
+            size = n * n_out
             if codes[l] == SIGMOID or codes[l] == TANH:
                 # the same threshold in T as NumPy's comparison with a Python float
-                below = <floating>(saturation_fraction * (0.25 if codes[l] == SIGMOID else 1.0))
-                if floating is float:
-                    o[l, 3] = fbp_count_saturated_f32(a, n * n_out, codes[l], below)
+                if f32:
+                    o[5 * l + 3] = fbp_count_saturated_f32(
+                        <const float*>a, size, codes[l],
+                        <float>(saturation_fraction * (0.25 if codes[l] == SIGMOID else 1.0)))
                 else:
-                    o[l, 3] = fbp_count_saturated_f64(a, n * n_out, codes[l], below)
+                    o[5 * l + 3] = fbp_count_saturated_f64(
+                        <const double*>a, size, codes[l],
+                        saturation_fraction * (0.25 if codes[l] == SIGMOID else 1.0))
             elif codes[l] == RELU:
-                if floating is float:
-                    o[l, 4] = fbp_count_dead_f32(a, n, n_out)
+                if f32:
+                    o[5 * l + 4] = fbp_count_dead_f32(<const float*>a, n, n_out)
                 else:
-                    o[l, 4] = fbp_count_dead_f64(a, n, n_out)
+                    o[5 * l + 4] = fbp_count_dead_f64(<const double*>a, n, n_out)
+    return out
+
+
+def _layer_sums(params, before, grad, A, Py_ssize_t n, tuple sizes, tuple activations,
+                bint moved, double saturation_fraction):
+    """What `fastbp.diagnostics.layer_statistics` needs, in one pass without the GIL
+    (its `_layer_sums_numpy` is the specification). Row l of the returned (n_layers,
+    5) float64 array: the sum of squares of layer l's gradient (W and b), of its W in
+    `before`, of its W's change ``params - before`` (when `moved`; else 0), the
+    count of saturated activations (sigmoid, tanh) and of dead units (relu; the
+    activation is 0 or less on all n rows). A holds the activations of n rows in
+    `mlp_gradients`' layout; activations[l] names hidden layer l's activation.
+    params, before, grad and A are C-contiguous 1-D arrays of one float type."""
+    out = _sums_direct(params, before, grad, A, n, sizes, activations, moved,
+                       saturation_fraction)
+    if out is None:
+        raise TypeError("params, before, grad and A must be C-contiguous 1-D arrays of one "
+                        "float type (float32 or float64)")
     return out
 
 
@@ -2373,29 +2420,33 @@ cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
     return loss_code
 
 
-cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
-                       const floating[:, ::1] targets, const int64_t[::1] order,
-                       Py_ssize_t batch_size, floating[::1] params, floating[::1] A,
-                       floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
-                       int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
-                       const int8_t[::1] stop, const _Optim* o, Py_ssize_t n_layers,
-                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
-    """`_epoch_loop` on checked arguments, for both optimizers: (loss_sum, steps,
-    status), or what a signal handler raised, carried out as _Signalled."""
+cdef object _run_epoch_on(int t, const void* X, const int64_t* labels, const void* targets,
+                          const int64_t* order, Py_ssize_t m, Py_ssize_t batch_size, void* params,
+                          void* A, void* D, void* grad, void* X_batch, int64_t* labels_batch,
+                          void* targets_batch, const int8_t* stop, const _Optim* o,
+                          Py_ssize_t n_layers, const Py_ssize_t* c_sizes, const int* acts,
+                          int loss_code):
+    """`_epoch_loop` on checked arrays of NumPy type t (float32 or float64), for both
+    optimizers: (loss_sum, steps, status), or what a signal handler raised, carried
+    out as _Signalled."""
     cdef double loss_sum = 0
-    cdef Py_ssize_t steps = 0, m = order.shape[0]
+    cdef Py_ssize_t steps = 0
     cdef int status, threads
-    cdef const int64_t* plabels = &labels[0] if labels is not None else NULL
-    cdef const floating* ptargets = &targets[0, 0] if targets is not None else NULL
-    cdef int64_t* plabels_batch = &labels_batch[0] if labels_batch is not None else NULL
-    cdef floating* ptargets_batch = &targets_batch[0, 0] if targets_batch is not None else NULL
     with nogil:
         threads = fbp_threads_enter(batch_size if batch_size < m else m, n_layers, c_sizes,
-                                    floating is double)
-        status = _epoch_loop(
-            &X[0, 0], plabels, ptargets, &order[0], m, batch_size, &params[0], &A[0],
-            &D[0], &grad[0], &X_batch[0, 0], plabels_batch, ptargets_batch, o, &stop[0],
-            n_layers, c_sizes, acts, loss_code, &loss_sum, &steps)
+                                    t == cnp.NPY_FLOAT64)
+        if t == cnp.NPY_FLOAT32:
+            status = _epoch_loop(
+                <const float*>X, labels, <const float*>targets, order, m, batch_size,
+                <float*>params, <float*>A, <float*>D, <float*>grad, <float*>X_batch,
+                labels_batch, <float*>targets_batch, o, stop, n_layers, c_sizes, acts,
+                loss_code, &loss_sum, &steps)
+        else:
+            status = _epoch_loop(
+                <const double*>X, labels, <const double*>targets, order, m, batch_size,
+                <double*>params, <double*>A, <double*>D, <double*>grad, <double*>X_batch,
+                labels_batch, <double*>targets_batch, o, stop, n_layers, c_sizes, acts,
+                loss_code, &loss_sum, &steps)
         fbp_threads_exit(threads)
     if status == 3:
         try:
@@ -2403,6 +2454,180 @@ cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
         except BaseException as exc:
             raise _Signalled(exc)
     return loss_sum, steps, status
+
+
+cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
+                       const floating[:, ::1] targets, const int64_t[::1] order,
+                       Py_ssize_t batch_size, floating[::1] params, floating[::1] A,
+                       floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
+                       int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
+                       const int8_t[::1] stop, const _Optim* o, Py_ssize_t n_layers,
+                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
+    """`_run_epoch_on` on checked typed memoryviews."""
+    return _run_epoch_on(
+        cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &X[0, 0],
+        &labels[0] if labels is not None else NULL,
+        &targets[0, 0] if targets is not None else NULL, &order[0], order.shape[0], batch_size,
+        &params[0], &A[0], &D[0], &grad[0], &X_batch[0, 0],
+        &labels_batch[0] if labels_batch is not None else NULL,
+        &targets_batch[0, 0] if targets_batch is not None else NULL, &stop[0], o, n_layers,
+        c_sizes, acts, loss_code)
+
+
+cdef struct _EpochArgs:
+    # The arrays of a whole-epoch call beside the network's (_NetArgs: the batch
+    # buffers stand there for X, labels and targets), as pointers and sizes.
+    const void* X
+    const int64_t* labels
+    const void* targets
+    const int64_t* order
+    void* X_batch
+    int64_t* labels_batch
+    void* targets_batch
+    const int8_t* stop
+    Py_ssize_t m
+
+
+cdef int _epoch_direct_checks(_EpochArgs* e, _NetArgs* g, object X, object labels,
+                              object targets, object order, Py_ssize_t batch_size, object params,
+                              tuple sizes, tuple activations, str loss, str output, object A,
+                              object D, object grad, object X_batch, object labels_batch,
+                              object targets_batch, object buf, object stop, Py_ssize_t* c_sizes,
+                              int* acts, int* loss_code, const void** start,
+                              size_t* nbytes, int* n_spans) except -2:
+    """The checks of `_epoch_fast_checks` on plain ndarrays read through NumPy's C
+    API (no memoryview objects: that path cost about 13 us a call, 2% of a digits
+    network's epoch). Fills e, g (the batch buffers in the place of X, labels and
+    targets, as the steps see them), c_sizes, acts and loss_code, and the arrays'
+    spans (room for 16). Returns the arrays' NumPy type number, or -1 when they are
+    not all C-contiguous arrays of the kinds the kernels take, or fail a check: the
+    general path then runs and names the problem. A check in C may also raise a bare
+    ValueError (or KeyError), to the same end."""
+    cdef cnp.ndarray a
+    cdef Py_ssize_t N, m, rows, i, j, n_out, x_cols, t_cols = 0
+    if (not cnp.PyArray_Check(X) or labels is None and targets is None
+            or (labels is None) != (labels_batch is None)
+            or (targets is None) != (targets_batch is None)):
+        return -1
+    # X, labels and targets as read-only inputs of the network checks; the batch
+    # buffers take their places below
+    cdef int t = _net_args_from_arrays(g, X, labels, targets, params, A, D, grad, buf)
+    if t < 0 or not (_c_array(order, cnp.NPY_INT64, 1, False) and _c_array(X_batch, t, 2, True)
+                     and _c_array(stop, cnp.NPY_INT8, 1, False)
+                     and (labels_batch is None or _c_array(labels_batch, cnp.NPY_INT64, 1, True))
+                     and (targets_batch is None or _c_array(targets_batch, t, 2, True))):
+        return -1
+    N, x_cols = g.n, g.x_cols
+    e.X, e.labels, e.targets = g.X, <const int64_t*>g.labels, g.targets
+    a = <cnp.ndarray>order
+    e.order, e.m = <const int64_t*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0)
+    m = e.m
+    a = <cnp.ndarray>stop
+    e.stop = <const int8_t*>cnp.PyArray_DATA(a)
+    if batch_size < 1 or m == 0 or cnp.PyArray_DIM(a, 0) != 1:
+        return -1
+    rows = batch_size if batch_size < m else m
+    a = <cnp.ndarray>X_batch
+    e.X_batch = cnp.PyArray_DATA(a)
+    cdef Py_ssize_t b_rows = cnp.PyArray_DIM(a, 0)
+    if cnp.PyArray_DIM(a, 1) != x_cols or b_rows < rows:
+        return -1
+    e.labels_batch, e.targets_batch = NULL, NULL
+    if labels is not None:
+        a = <cnp.ndarray>labels_batch
+        e.labels_batch = <int64_t*>cnp.PyArray_DATA(a)
+        if g.labels_len != N or cnp.PyArray_DIM(a, 0) != b_rows:
+            return -1
+    if targets is not None:
+        a = <cnp.ndarray>targets_batch
+        e.targets_batch = cnp.PyArray_DATA(a)
+        t_cols = g.t_cols
+        if (g.t_rows != N or cnp.PyArray_NDIM(<cnp.ndarray>targets) != 2
+                or cnp.PyArray_DIM(a, 0) != b_rows or cnp.PyArray_DIM(a, 1) != t_cols):
+            return -1
+    for i in range(m):
+        if e.order[i] < 0 or e.order[i] >= N:
+            return -1
+    # writable arguments must not overlap any other
+    cdef size_t s = g.itemsize
+    cdef bint writable[16]
+    cdef const void* p[13]
+    cdef size_t size[13]
+    cdef bint w[13]
+    p[0], size[0], w[0] = e.X, N * x_cols * s, False
+    p[1], size[1], w[1] = e.labels, (N * sizeof(int64_t)) if labels is not None else 0, False
+    p[2], size[2], w[2] = e.targets, N * t_cols * s, False
+    p[3], size[3], w[3] = e.order, m * sizeof(int64_t), False
+    p[4], size[4], w[4] = g.params, g.params_len * s, True
+    p[5], size[5], w[5] = g.A, g.A_len * s, True
+    p[6], size[6], w[6] = g.D, g.D_len * s, True
+    p[7], size[7], w[7] = g.grad, g.grad_len * s, True
+    p[8], size[8], w[8] = e.X_batch, b_rows * x_cols * s, True
+    p[9], size[9], w[9] = e.labels_batch, (b_rows * sizeof(int64_t)) if labels is not None else 0, True
+    p[10], size[10], w[10] = e.targets_batch, b_rows * t_cols * s, True
+    p[11], size[11], w[11] = g.buf, g.buf_len * s, True
+    p[12], size[12], w[12] = e.stop, 1, False
+    cdef int count = 0
+    for i in range(13):
+        if p[i] != NULL and size[i]:
+            start[count], nbytes[count], writable[count] = p[i], size[i], w[i]
+            count += 1
+    for i in range(count):
+        if writable[i]:
+            for j in range(count):
+                if i != j and _overlap(start[i], nbytes[i], start[j], nbytes[j], False):
+                    return -1
+    n_spans[0] = count
+    # the network part, as mlp_gradients checks it, on a full batch in the buffers
+    g.n, g.X = rows, e.X_batch
+    if labels is not None:
+        g.labels, g.labels_len = e.labels_batch, rows
+    if targets is not None:
+        g.targets, g.t_rows = e.targets_batch, rows
+    loss_code[0] = _net_checks(g, sizes, activations, loss, output, c_sizes, acts)
+    if labels is not None:
+        n_out = c_sizes[len(sizes) - 1]
+        with nogil:
+            i = _first_bad_label(e.labels, N, n_out)
+        if i >= 0:
+            return -1
+    return t
+
+
+cdef object _sgd_epoch_direct(object X, object labels, object targets, object order,
+                              Py_ssize_t batch_size, object params, tuple sizes,
+                              tuple activations, str loss, str output, object A, object D,
+                              object grad, object X_batch, object labels_batch,
+                              object targets_batch, object buf, object stop, double lr,
+                              double momentum, double dampening, bint nesterov,
+                              double weight_decay, bint maximize, bint first_step):
+    """`mlp_sgd_epoch` on plain ndarrays (`_epoch_direct_checks`), or None for the
+    general path."""
+    if momentum == 0:
+        buf = None
+    elif buf is None:
+        return None
+    if nesterov and (momentum <= 0 or dampening != 0):
+        return None
+    cdef _EpochArgs e
+    cdef _NetArgs g
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code, n_spans
+    cdef const void* spans[16]
+    cdef size_t span_bytes[16]
+    cdef int t = _epoch_direct_checks(&e, &g, X, labels, targets, order, batch_size, params,
+                                      sizes, activations, loss, output, A, D, grad, X_batch,
+                                      labels_batch, targets_batch, buf, stop, c_sizes, acts,
+                                      &loss_code, spans, span_bytes, &n_spans)
+    if t < 0:
+        return None
+    cdef _Optim o
+    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
+    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, <void*>g.buf
+    return _run_epoch_on(t, e.X, e.labels, e.targets, e.order, e.m, batch_size, <void*>g.params,
+                         <void*>g.A, <void*>g.D, <void*>g.grad, e.X_batch, e.labels_batch,
+                         e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
 def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
@@ -2441,6 +2666,16 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
     try:
         if isinstance(batch_size, bool):
             raise TypeError
+        try:
+            result = _sgd_epoch_direct(X, labels, targets, order, batch_size, params,
+                                       tuple(sizes), tuple(activations), loss, output, A, D, grad,
+                                       X_batch, labels_batch, targets_batch, momentum_buffer,
+                                       stop, lr, momentum, dampening, nesterov, weight_decay,
+                                       maximize, first_step)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            result = None
+        if result is not None:
+            return result
         return _mlp_sgd_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
                               tuple(activations), loss, output, A, D, grad, X_batch, labels_batch,
                               targets_batch, momentum_buffer, stop, lr, momentum, dampening,
@@ -2674,6 +2909,48 @@ def _net_step(net, X, y, o, bint adam):
     return result[0]
 
 
+cdef object _adam_epoch_direct(object X, object labels, object targets, object order,
+                               Py_ssize_t batch_size, object params, tuple sizes,
+                               tuple activations, str loss, str output, object A, object D,
+                               object grad, object X_batch, object labels_batch,
+                               object targets_batch, object m, object v, object vmax,
+                               object stop, long step, double lr, double beta1, double beta2,
+                               double eps, double weight_decay, bint decoupled, bint amsgrad,
+                               bint maximize):
+    """`mlp_adam_epoch` on plain ndarrays (`_epoch_direct_checks`), or None for the
+    general path."""
+    cdef _EpochArgs e
+    cdef _NetArgs g
+    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
+    cdef int acts[MAX_LAYERS]
+    cdef int loss_code, n_spans
+    cdef const void* spans[16]
+    cdef size_t span_bytes[16]
+    cdef int t = _epoch_direct_checks(&e, &g, X, labels, targets, order, batch_size, params,
+                                      sizes, activations, loss, output, A, D, grad, X_batch,
+                                      labels_batch, targets_batch, None, stop, c_sizes, acts,
+                                      &loss_code, spans, span_bytes, &n_spans)
+    if t < 0 or not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
+        return None
+    if amsgrad and not _c_array(vmax, t, 1, True):
+        return None
+    cdef void* pm = cnp.PyArray_DATA(<cnp.ndarray>m)
+    cdef void* pv = cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef void* pvmax = cnp.PyArray_DATA(<cnp.ndarray>vmax) if amsgrad else NULL
+    # the state must not overlap any of the epoch's arrays
+    _adam_state_checks(g.params_len, pm, cnp.PyArray_DIM(<cnp.ndarray>m, 0), pv,
+                       cnp.PyArray_DIM(<cnp.ndarray>v, 0), pvmax,
+                       cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0, g.itemsize, step,
+                       spans, span_bytes, n_spans)
+    cdef _Optim o
+    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
+    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
+    o.m, o.v, o.vmax = pm, pv, pvmax
+    return _run_epoch_on(t, e.X, e.labels, e.targets, e.order, e.m, batch_size, <void*>g.params,
+                         <void*>g.A, <void*>g.D, <void*>g.grad, e.X_batch, e.labels_batch,
+                         e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
+
+
 def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                     const floating[:, ::1] targets, const int64_t[::1] order,
                     Py_ssize_t batch_size, floating[::1] params, tuple sizes, tuple activations,
@@ -2712,6 +2989,17 @@ def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activat
     try:
         if isinstance(batch_size, bool) or isinstance(step, bool):
             raise TypeError
+        try:
+            result = _adam_epoch_direct(X, labels, targets, order, batch_size, params,
+                                        tuple(sizes), tuple(activations), loss, output, A, D,
+                                        grad, X_batch, labels_batch, targets_batch, exp_avg,
+                                        exp_avg_sq, max_exp_avg_sq, stop, step, lr, beta1, beta2,
+                                        eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                        maximize)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            result = None
+        if result is not None:
+            return result
         return _mlp_adam_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
                                tuple(activations), loss, output, A, D, grad, X_batch,
                                labels_batch, targets_batch, exp_avg, exp_avg_sq,
