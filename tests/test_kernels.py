@@ -494,6 +494,38 @@ def test_mlp_sgd_step_refuses_non_finite_gradients(kernels, momentum, weight_dec
 
 
 @pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("case, a, c, status", [
+    # 2-1-1, identity hidden unit, mse on one sample x = (1e30, 0), target 0:
+    # A1 = a x, A2 = c A1, dZ2 = 2 A2, dW2 = dZ2 A1, dZ1 = c dZ2, dW1 = dZ1 x
+    ("the hidden layer's dZ makes dW1 overflow (2e40)", 1e-30, 1e5, 1),
+    ("the hidden layer's output makes dW2 overflow (1e39)", 1e5, 5e-32, 1),
+    ("both finite (dW1 2e30, dW2 2)", 1e-30, 1.0, 0),
+])
+def test_mlp_sgd_step_refuses_overflow_behind_a_hidden_layer(kernels, momentum, case, a, c,
+                                                             status):
+    # a hidden layer's output and dZ enter the bound that decides whether the
+    # update may be folded into the products (their exponents taken in the
+    # activation's backward pass): a wrong bound would fold an infinite dW in
+    X = np.array([[1e30, 0.0]], np.float32)
+    params = np.array([a, 0.0, 0.0, c, 0.0], np.float32)
+    buf = np.full(5, 0.5, np.float32)
+    before = params.copy(), buf.copy()
+    with np.errstate(all="ignore"):
+        value, got = kernels.mlp_sgd_step(X, None, np.zeros((1, 1), np.float32), params,
+                                          (2, 1, 1), ("identity",), "mse", "identity",
+                                          np.empty(2, np.float32), np.empty(2, np.float32),
+                                          np.empty(5, np.float32), buf, 1e-32,
+                                          momentum=momentum)
+    assert got == status, case
+    if status:
+        np.testing.assert_array_equal(params, before[0])
+        np.testing.assert_array_equal(buf, before[1])
+    else:
+        assert np.all(np.isfinite(params)) and not np.array_equal(params, before[0])
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize("case, w0, status", [
     ("the loss is not finite", np.inf, 1),
     ("dW = dZ.T @ X overflows float32 (2e40)", 1e-20, 1),

@@ -89,6 +89,10 @@ cdef extern from "_vecmath.h" nogil:
                               int act, float slope)
     void fbp_act_backward_f64(const double* A, const double* dA, double* out, Py_ssize_t size,
                               int act, double slope)
+    void fbp_act_backward_bound_f32(const float* A, const float* dA, float* out,
+                                    Py_ssize_t size, int act, float slope, int* e)
+    void fbp_act_backward_bound_f64(const double* A, const double* dA, double* out,
+                                    Py_ssize_t size, int act, double slope, int* e)
     void fbp_column_sums_f32(const float* M, float* out, Py_ssize_t n, Py_ssize_t m)
     void fbp_column_sums_f64(const double* M, double* out, Py_ssize_t n, Py_ssize_t m)
     double fbp_sum_squares_f32(const float* a, const float* b, Py_ssize_t size, int sub)
@@ -1353,14 +1357,23 @@ cdef void _mlp_forward_loss(const floating* X, const int64_t* labels, const floa
 cdef inline void _delta_back(floating* D, const floating* A, const floating* params,
                              Py_ssize_t n, Py_ssize_t l, const Py_ssize_t* sizes,
                              const Py_ssize_t* w_off, const Py_ssize_t* a_off,
-                             const int* acts) noexcept nogil:
+                             const int* acts, int* e=NULL) noexcept nogil:
     """Layer l - 1's dZ from layer l's: ``dZ[l-1] = (dZ[l] @ W[l]) * act'(A[l-1])``,
-    with layer l's W as it is now (before its update)."""
+    with layer l's W as it is now (before its update). With e, also the largest
+    exponent fields of A[l-1] (e[0]) and of the new dZ[l-1] (e[1]), from the same
+    pass (fbp_act_backward_bound)."""
     cdef Py_ssize_t n_in = sizes[l], n_out = sizes[l + 1]
+    cdef floating* d = D + a_off[l - 1]
     _gemm(c'N', c'N', <int>n, <int>n_in, <int>n_out, 1, D + a_off[l], <int>n_out,
-          params + w_off[l], <int>n_in, 0, D + a_off[l - 1], <int>n_in)
-    _activation_backward_loop(A + a_off[l - 1], D + a_off[l - 1], D + a_off[l - 1],
-                              n * n_in, acts[l - 1])
+          params + w_off[l], <int>n_in, 0, d, <int>n_in)
+    if e == NULL:
+        _activation_backward_loop(A + a_off[l - 1], d, d, n * n_in, acts[l - 1])
+    elif floating is float:
+        fbp_act_backward_bound_f32(A + a_off[l - 1], d, d, n * n_in, acts[l - 1],
+                                   <float>_LEAKY_SLOPE, e)
+    else:
+        fbp_act_backward_bound_f64(A + a_off[l - 1], d, d, n * n_in, acts[l - 1], _LEAKY_SLOPE,
+                                   e)
 
 
 cdef inline void _layer_gradient(const floating* X, const floating* A, const floating* D,
@@ -1411,7 +1424,8 @@ cdef inline int _ceil_log2(Py_ssize_t n) noexcept nogil:
 
 cdef bint _gradients_bounded(const floating* X, const floating* A, const floating* D,
                              Py_ssize_t n, Py_ssize_t n_layers, const Py_ssize_t* sizes,
-                             const Py_ssize_t* a_off) noexcept nogil:
+                             const Py_ssize_t* a_off, const int* e_ins,
+                             const int* e_ds) noexcept nogil:
     """True when every layer's dZ and input are finite and small enough that its
     dW = dZ.T @ input and db = dZ.sum(0) cannot overflow, with a factor 2 to
     spare for rounding.
@@ -1419,14 +1433,17 @@ cdef bint _gradients_bounded(const floating* X, const floating* A, const floatin
     An element with exponent field e is below 2**(e - B) in magnitude (B = 126
     for float32, 1022 for float64), so each |dW[o, j]| <= sum_k |dZ[k, o]| |X[k, j]|
     < n * 2**(eD - B) * 2**(eX - B); the largest finite float exceeds 2**(B + 1).
+    e_ins[l] and e_ds[l]: layer l's input's and dZ's largest exponent fields where
+    known already (from `_delta_back`), else -1 (a scan here finds them).
     """
     cdef int B = 126 if floating is float else 1022
     cdef int all_ones = 255 if floating is float else 2047
     cdef int log_n = _ceil_log2(n), e_d, e_in
     cdef Py_ssize_t l
     for l in range(n_layers):
-        e_d = _max_exponent(D + a_off[l], n * sizes[l + 1])
-        e_in = _max_exponent(X if l == 0 else A + a_off[l - 1], n * sizes[l])
+        e_d = e_ds[l] if e_ds[l] >= 0 else _max_exponent(D + a_off[l], n * sizes[l + 1])
+        e_in = (e_ins[l] if e_ins[l] >= 0
+                else _max_exponent(X if l == 0 else A + a_off[l - 1], n * sizes[l]))
         if e_d == all_ones or e_in == all_ones:
             return False
         if log_n + (e_d - B) + (e_in - B) > B or log_n + (e_d - B) > B:
@@ -1444,13 +1461,18 @@ cdef int _deltas_checked(const floating* X, const int64_t* labels, const floatin
     `_gradients_bounded` proves the gradient finite, 0 where only a pass over it can
     tell."""
     cdef Py_ssize_t l
+    cdef int e[2]
+    cdef int e_ins[MAX_LAYERS]
+    cdef int e_ds[MAX_LAYERS]
     _mlp_forward_loss(X, labels, T, params, A, D, n, n_layers, sizes, w_off, a_off, acts, loss,
                       loss_out)
     if not (loss_out[0] - loss_out[0] == 0):
         return -1
+    e_ins[0], e_ds[n_layers - 1] = -1, -1  # X and the output layer's dZ: scanned
     for l in range(n_layers - 1, 0, -1):
-        _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts)
-    return 1 if _gradients_bounded(X, A, D, n, n_layers, sizes, a_off) else 0
+        _delta_back(D, A, params, n, l, sizes, w_off, a_off, acts, e)
+        e_ins[l], e_ds[l - 1] = e[0], e[1]
+    return 1 if _gradients_bounded(X, A, D, n, n_layers, sizes, a_off, e_ins, e_ds) else 0
 
 
 cdef int _mlp_sgd_step_loop(const floating* X, const int64_t* labels, const floating* T,
