@@ -632,12 +632,14 @@ static inline void NAME##_panel(const T *X, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t
     const int B = NV == 2 ? FBP_TN_ROWS : FBP_TN_ROWS1;                                  \
     ptrdiff_t i = 0;                                                                     \
     /* The common cases first, every flag a constant in NAME##_rows: full-width panels  \
-     * of a plain product, of a folded update, and of a relu layer's forward product.   \
-     * With the flags read at run time, the accumulators were spilled around the        \
-     * stores: in C on one thread (Emerald Rapids, alternating rounds), 32 x 64 x 128   \
-     * products 1.07-1.11x faster this way (forward, weight gradient, folded update),   \
-     * 32 x 64 x 32 1.08-1.19x, 32 x 128 x 10 input gradients 1.21x; 1.00-1.04x from     \
-     * 2^22 multiply-adds. The same operations, so the same bits. */                    \
+     * of a plain product, of a folded update, of a product added into C (plain SGD's   \
+     * fold, W += -lr * dZ.T @ X), and of a relu layer's forward product. With the      \
+     * flags read at run time, the accumulators were spilled around the stores: in C    \
+     * on one thread (Emerald Rapids, alternating rounds), 32 x 64 x 128 products       \
+     * 1.07-1.11x faster this way (forward, weight gradient, folded update), 32 x 64 x  \
+     * 32 1.08-1.19x, 32 x 128 x 10 input gradients 1.21x; 1.00-1.04x from 2^22         \
+     * multiply-adds. Added into C: 1.03-1.16x over 2^13-2^23 multiply-adds (128 x 784 \
+     * x 64, a 784-input layer's, 1.086x). The same operations, so the same bits. */     \
     if (w == NV * L && !init && !add && alpha == 1 && b == NULL) {                       \
         if (u == NULL)                                                                   \
             for (; i + B <= m; i += B)                                                   \
@@ -647,6 +649,10 @@ static inline void NAME##_panel(const T *X, ptrdiff_t m, ptrdiff_t rs, ptrdiff_t
             for (; i + B <= m; i += B)                                                   \
                 NAME##_rows(X + i * rs, rs, ks, kc, P, C + i * ldc, ldc, NV * L, B, NV, 0, \
                             0, 1, NULL, FBP_IDENTITY, 0, u);                             \
+    } else if (w == NV * L && !init && add && b == NULL && u == NULL) {                  \
+        for (; i + B <= m; i += B)                                                       \
+            NAME##_rows(X + i * rs, rs, ks, kc, P, C + i * ldc, ldc, NV * L, B, NV, 0, 1, \
+                        alpha, NULL, FBP_IDENTITY, 0, NULL);                             \
     } else if (w == NV * L && !init && !add && alpha == 1 && b != NULL                   \
                && act == FBP_RELU) {                                                     \
         for (; i + B <= m; i += B)                                                       \
