@@ -2585,7 +2585,8 @@ cdef int _epoch_direct_checks(_EpochArgs* e, _NetArgs* g, object X, object label
     p[6], size[6], w[6] = g.D, g.D_len * s, True
     p[7], size[7], w[7] = g.grad, g.grad_len * s, True
     p[8], size[8], w[8] = e.X_batch, b_rows * x_cols * s, True
-    p[9], size[9], w[9] = e.labels_batch, (b_rows * sizeof(int64_t)) if labels is not None else 0, True
+    p[9], size[9], w[9] = (e.labels_batch, (b_rows * sizeof(int64_t)) if labels is not None else 0,
+                           True)
     p[10], size[10], w[10] = e.targets_batch, b_rows * t_cols * s, True
     p[11], size[11], w[11] = g.buf, g.buf_len * s, True
     p[12], size[12], w[12] = e.stop, 1, False
@@ -2646,7 +2647,8 @@ cdef object _sgd_epoch_direct(object X, object labels, object targets, object or
         return None
     cdef _Optim o
     o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
-    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, <void*>g.buf
+    o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
+    o.buf = <void*>g.buf
     return _run_epoch_on(t, e.X, e.labels, e.targets, e.order, e.m, batch_size, <void*>g.params,
                          <void*>g.A, <void*>g.D, <void*>g.grad, e.X_batch, e.labels_batch,
                          e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
