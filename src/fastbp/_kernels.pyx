@@ -2158,6 +2158,14 @@ def _gemm_floor(const floating[:, ::1] X, const floating[::1] params, tuple size
 # ---------------------------------------------------------------------------
 # Per-layer sums for fastbp.diagnostics (not part of the kernel API)
 
+cdef inline double _sum_squares(bint f32, const char* a, const char* b, Py_ssize_t size,
+                                bint sub) noexcept nogil:
+    """fbp_sum_squares on float32 (f32) or float64 elements."""
+    if f32:
+        return fbp_sum_squares_f32(<const float*>a, <const float*>b, size, sub)
+    return fbp_sum_squares_f64(<const double*>a, <const double*>b, size, sub)
+
+
 cdef object _sums_direct(object params, object before, object grad, object A, Py_ssize_t n,
                          tuple sizes, tuple activations, bint moved,
                          double saturation_fraction):
@@ -2215,24 +2223,10 @@ cdef object _sums_on(int t, const void* params, const void* before, const void* 
         for l in range(n_layers):
             n_in, n_out = c_sizes[l], c_sizes[l + 1]
             lo, w_end = w_off[l], w_off[l] + n_out * n_in
-            if f32:
-                o[5 * l] = fbp_sum_squares_f32(<const float*>(pg + lo * s), NULL,
-                                               w_off[l + 1] - lo, False)
-                o[5 * l + 1] = fbp_sum_squares_f32(<const float*>(pb + lo * s), NULL,
-                                                   w_end - lo, False)
-                if moved:
-                    o[5 * l + 2] = fbp_sum_squares_f32(<const float*>(pp + lo * s),
-                                                       <const float*>(pb + lo * s), w_end - lo,
-                                                       True)
-            else:
-                o[5 * l] = fbp_sum_squares_f64(<const double*>(pg + lo * s), NULL,
-                                               w_off[l + 1] - lo, False)
-                o[5 * l + 1] = fbp_sum_squares_f64(<const double*>(pb + lo * s), NULL,
-                                                   w_end - lo, False)
-                if moved:
-                    o[5 * l + 2] = fbp_sum_squares_f64(<const double*>(pp + lo * s),
-                                                       <const double*>(pb + lo * s), w_end - lo,
-                                                       True)
+            o[5 * l] = _sum_squares(f32, pg + lo * s, NULL, w_off[l + 1] - lo, False)
+            o[5 * l + 1] = _sum_squares(f32, pb + lo * s, NULL, w_end - lo, False)
+            if moved:
+                o[5 * l + 2] = _sum_squares(f32, pp + lo * s, pb + lo * s, w_end - lo, True)
             if n == 0:
                 continue
             a = <const char*>A + a_off[l] * s
@@ -2617,20 +2611,24 @@ cdef int _epoch_direct_checks(_EpochArgs* e, _NetArgs* g, object X, object label
     return t
 
 
-cdef object _sgd_epoch_direct(object X, object labels, object targets, object order,
-                              Py_ssize_t batch_size, object params, tuple sizes,
-                              tuple activations, str loss, str output, object A, object D,
-                              object grad, object X_batch, object labels_batch,
-                              object targets_batch, object buf, object stop, double lr,
-                              double momentum, double dampening, bint nesterov,
-                              double weight_decay, bint maximize, bint first_step):
-    """`mlp_sgd_epoch` on plain ndarrays (`_epoch_direct_checks`), or None for the
-    general path."""
-    if momentum == 0:
+cdef object _epoch_direct(bint adam, object X, object labels, object targets, object order,
+                          Py_ssize_t batch_size, object params, tuple sizes, tuple activations,
+                          str loss, str output, object A, object D, object grad,
+                          object X_batch, object labels_batch, object targets_batch, object stop,
+                          double lr, double weight_decay, bint maximize, object buf,
+                          double momentum, double dampening, bint nesterov, bint first_step,
+                          object m, object v, object vmax, long step, double beta1,
+                          double beta2, double eps, bint decoupled, bint amsgrad):
+    """`mlp_sgd_epoch` (buf to first_step: SGD's state and settings; the rest unused)
+    or, when adam, `mlp_adam_epoch` (m to amsgrad: Adam's) on plain ndarrays
+    (`_epoch_direct_checks`), or None for the general path."""
+    if adam:
+        buf = None
+    elif momentum == 0:
         buf = None
     elif buf is None:
         return None
-    if nesterov and (momentum <= 0 or dampening != 0):
+    if not adam and nesterov and (momentum <= 0 or dampening != 0):
         return None
     cdef _EpochArgs e
     cdef _NetArgs g
@@ -2646,9 +2644,17 @@ cdef object _sgd_epoch_direct(object X, object labels, object targets, object or
     if t < 0:
         return None
     cdef _Optim o
-    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
-    o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
-    o.buf = <void*>g.buf
+    if adam:
+        # (Adam's state must not overlap any of the epoch's arrays: the spans)
+        if not _adam_direct_optim(&o, t, g.params_len, m, v, vmax, step, lr, beta1, beta2, eps,
+                                  weight_decay, decoupled, amsgrad, maximize, spans,
+                                  span_bytes, n_spans):
+            return None
+    else:
+        o.adam, o.lr, o.momentum, o.dampening, o.nesterov = (False, lr, momentum, dampening,
+                                                             nesterov)
+        o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
+        o.buf = <void*>g.buf
     return _run_epoch_on(t, e.X, e.labels, e.targets, e.order, e.m, batch_size, <void*>g.params,
                          <void*>g.A, <void*>g.D, <void*>g.grad, e.X_batch, e.labels_batch,
                          e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
@@ -2691,11 +2697,11 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
         if isinstance(batch_size, bool):
             raise TypeError
         try:
-            result = _sgd_epoch_direct(X, labels, targets, order, batch_size, params,
-                                       tuple(sizes), tuple(activations), loss, output, A, D, grad,
-                                       X_batch, labels_batch, targets_batch, momentum_buffer,
-                                       stop, lr, momentum, dampening, nesterov, weight_decay,
-                                       maximize, first_step)
+            result = _epoch_direct(False, X, labels, targets, order, batch_size, params,
+                                   tuple(sizes), tuple(activations), loss, output, A, D, grad,
+                                   X_batch, labels_batch, targets_batch, stop, lr, weight_decay,
+                                   maximize, momentum_buffer, momentum, dampening, nesterov,
+                                   first_step, None, None, None, 1, 0, 0, 0, False, False)
         except (TypeError, ValueError, KeyError, OverflowError):
             result = None
         if result is not None:
@@ -2767,9 +2773,7 @@ cdef object _adam_step_direct(object X, object labels, object targets, object pa
     cdef _NetArgs g
     cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None,
                                        column_targets)
-    if t < 0 or not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
-        return None
-    if amsgrad and not _c_array(vmax, t, 1, True):
+    if t < 0:
         return None
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
     cdef int acts[MAX_LAYERS]
@@ -2777,18 +2781,38 @@ cdef object _adam_step_direct(object X, object labels, object targets, object pa
     cdef const void* spans[7]
     cdef size_t span_bytes[7]
     cdef int n_spans = _net_spans(&g, spans, span_bytes)
+    cdef _Optim o
+    if not _adam_direct_optim(&o, t, g.params_len, m, v, vmax, step, lr, beta1, beta2, eps,
+                              weight_decay, decoupled, amsgrad, maximize, spans, span_bytes,
+                              n_spans):
+        return None
+    return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
+
+
+cdef bint _adam_direct_optim(_Optim* o, int t, Py_ssize_t n_params, object m, object v,
+                             object vmax, long step, double lr, double beta1, double beta2,
+                             double eps, double weight_decay, bint decoupled, bint amsgrad,
+                             bint maximize, const void** spans, const size_t* span_bytes,
+                             int n_spans) except -1:
+    """Adam's state as plain ndarrays of NumPy type t, checked against the call's
+    other arrays (`_adam_state_checks`: a bare ValueError on failure), and o filled
+    for it; False when the state arrays are not C-contiguous writable arrays of type
+    t (the general path then runs)."""
+    if not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
+        return False
+    if amsgrad and not _c_array(vmax, t, 1, True):
+        return False
     cdef void* pm = cnp.PyArray_DATA(<cnp.ndarray>m)
     cdef void* pv = cnp.PyArray_DATA(<cnp.ndarray>v)
     cdef void* pvmax = cnp.PyArray_DATA(<cnp.ndarray>vmax) if amsgrad else NULL
-    _adam_state_checks(g.params_len, pm, cnp.PyArray_DIM(<cnp.ndarray>m, 0), pv,
+    _adam_state_checks(n_params, pm, cnp.PyArray_DIM(<cnp.ndarray>m, 0), pv,
                        cnp.PyArray_DIM(<cnp.ndarray>v, 0), pvmax,
-                       cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0, g.itemsize, step,
-                       spans, span_bytes, n_spans)
-    cdef _Optim o
+                       cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0,
+                       4 if t == cnp.NPY_FLOAT32 else 8, step, spans, span_bytes, n_spans)
     o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
     o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
     o.m, o.v, o.vmax = pm, pv, pvmax
-    return _run_step(&g, t, &o, len(sizes) - 1, c_sizes, acts, loss_code)
+    return True
 
 
 cdef int _adam_optim(_Optim* o, Py_ssize_t n_params, floating[::1] exp_avg,
@@ -2933,48 +2957,6 @@ def _net_step(net, X, y, o, bint adam):
     return result[0]
 
 
-cdef object _adam_epoch_direct(object X, object labels, object targets, object order,
-                               Py_ssize_t batch_size, object params, tuple sizes,
-                               tuple activations, str loss, str output, object A, object D,
-                               object grad, object X_batch, object labels_batch,
-                               object targets_batch, object m, object v, object vmax,
-                               object stop, long step, double lr, double beta1, double beta2,
-                               double eps, double weight_decay, bint decoupled, bint amsgrad,
-                               bint maximize):
-    """`mlp_adam_epoch` on plain ndarrays (`_epoch_direct_checks`), or None for the
-    general path."""
-    cdef _EpochArgs e
-    cdef _NetArgs g
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    cdef int loss_code, n_spans
-    cdef const void* spans[16]
-    cdef size_t span_bytes[16]
-    cdef int t = _epoch_direct_checks(&e, &g, X, labels, targets, order, batch_size, params,
-                                      sizes, activations, loss, output, A, D, grad, X_batch,
-                                      labels_batch, targets_batch, None, stop, c_sizes, acts,
-                                      &loss_code, spans, span_bytes, &n_spans)
-    if t < 0 or not (_c_array(m, t, 1, True) and _c_array(v, t, 1, True)):
-        return None
-    if amsgrad and not _c_array(vmax, t, 1, True):
-        return None
-    cdef void* pm = cnp.PyArray_DATA(<cnp.ndarray>m)
-    cdef void* pv = cnp.PyArray_DATA(<cnp.ndarray>v)
-    cdef void* pvmax = cnp.PyArray_DATA(<cnp.ndarray>vmax) if amsgrad else NULL
-    # the state must not overlap any of the epoch's arrays
-    _adam_state_checks(g.params_len, pm, cnp.PyArray_DIM(<cnp.ndarray>m, 0), pv,
-                       cnp.PyArray_DIM(<cnp.ndarray>v, 0), pvmax,
-                       cnp.PyArray_DIM(<cnp.ndarray>vmax, 0) if amsgrad else 0, g.itemsize, step,
-                       spans, span_bytes, n_spans)
-    cdef _Optim o
-    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
-    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
-    o.m, o.v, o.vmax = pm, pv, pvmax
-    return _run_epoch_on(t, e.X, e.labels, e.targets, e.order, e.m, batch_size, <void*>g.params,
-                         <void*>g.A, <void*>g.D, <void*>g.grad, e.X_batch, e.labels_batch,
-                         e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
-
-
 def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
                     const floating[:, ::1] targets, const int64_t[::1] order,
                     Py_ssize_t batch_size, floating[::1] params, tuple sizes, tuple activations,
@@ -3014,12 +2996,12 @@ def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activat
         if isinstance(batch_size, bool) or isinstance(step, bool):
             raise TypeError
         try:
-            result = _adam_epoch_direct(X, labels, targets, order, batch_size, params,
-                                        tuple(sizes), tuple(activations), loss, output, A, D,
-                                        grad, X_batch, labels_batch, targets_batch, exp_avg,
-                                        exp_avg_sq, max_exp_avg_sq, stop, step, lr, beta1, beta2,
-                                        eps, weight_decay, decoupled_weight_decay, amsgrad,
-                                        maximize)
+            result = _epoch_direct(True, X, labels, targets, order, batch_size, params,
+                                   tuple(sizes), tuple(activations), loss, output, A, D, grad,
+                                   X_batch, labels_batch, targets_batch, stop, lr, weight_decay,
+                                   maximize, None, 0, 0, False, False, exp_avg, exp_avg_sq,
+                                   max_exp_avg_sq, step, beta1, beta2, eps,
+                                   decoupled_weight_decay, amsgrad)
         except (TypeError, ValueError, KeyError, OverflowError):
             result = None
         if result is not None:
