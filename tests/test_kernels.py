@@ -680,8 +680,7 @@ def test_compiled_epoch_reads_plain_arrays_as_it_reads_any_buffer(dtype, loss, o
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_compiled_epoch_call_allocates_nothing(loss, optimizer):
-    # a fit calls it every epoch: no memoryview objects (the path through them
-    # allocates a few hundred bytes a call)
+    # a fit calls it every epoch: no memoryview objects
     from fastbp.bench import step_allocations
 
     args, n_params = _epoch_arrays(np.float32, loss)
