@@ -677,6 +677,39 @@ def test_compiled_epoch_reads_plain_arrays_as_it_reads_any_buffer(dtype, loss, o
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("batch_size", [1, 5, 8])
+def test_compiled_epoch_reads_consecutive_rows_in_place(dtype, loss, batch_size):
+    # a batch of consecutive rows (every batch of an epoch without shuffling) is
+    # read where it is, the others gathered into X_batch first: the same epoch, bit
+    # for bit, as on a copy of the data whose rows the order has to gather
+    def epoch(order, perm=None):
+        a = list(_epoch_arrays(dtype, loss, batch_size=batch_size)[0])
+        if perm is not None:  # the same rows, stored in another order
+            inverse = np.argsort(perm)
+            a[0] = a[0][perm]
+            a[1 if loss == "cross_entropy" else 2] = a[1 if loss == "cross_entropy" else 2][perm]
+            order = inverse[order]
+        a[3] = order
+        a[13][:] = np.nan  # X_batch: scratch
+        out = _kernels.mlp_sgd_epoch(*a, np.zeros(a[5].size, dtype), np.zeros(1, np.int8), 0.1,
+                                     momentum=0.9)
+        return out, a[5], a[13]
+
+    n = 23
+    perm = np.random.default_rng(1).permutation(n)
+    mixed = np.concatenate([np.arange(10), 10 + perm[perm < 13]])  # in order, then shuffled
+    for order, in_order in ((np.arange(n), True), (mixed, False)):
+        (out, params, xb), (eout, eparams, exb) = epoch(order), epoch(order, perm)
+        assert out == eout and out[1:] == (-(-n // batch_size), 0)
+        np.testing.assert_array_equal(params, eparams)
+        if batch_size > 1:  # (a batch of one row is always read in place)
+            assert not np.isnan(exb).any()
+        if in_order:  # X_batch never written
+            assert np.isnan(xb).all()
+
+
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_compiled_epoch_call_allocates_nothing(loss, optimizer):

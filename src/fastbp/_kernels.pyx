@@ -2317,20 +2317,38 @@ cdef int _epoch_loop(const floating* X, const int64_t* labels, const floating* T
                      const int* acts, int loss, double* loss_sum,
                      Py_ssize_t* steps) noexcept nogil:
     """Returns 0 (epoch done), 1 (non-finite loss or gradient: batch not applied),
-    2 (stop set) or 3 (a signal handler raised: its error is pending)."""
-    cdef Py_ssize_t lo, i, nb, n_in = sizes[0], n_out = sizes[n_layers]
+    2 (stop set) or 3 (a signal handler raised: its error is pending).
+
+    A batch whose rows follow each other in X (order[lo + i] = order[lo] + i, as
+    in every batch of an epoch without shuffling) is read where it is; the others
+    are gathered into Xb and Lb or Tb first. The copy cost about 40 us of a 128-row
+    batch of 784 inputs, as much as half of a small network's step."""
+    cdef Py_ssize_t lo, i, nb, first, n_in = sizes[0], n_out = sizes[n_layers]
+    cdef const floating* xs
+    cdef const int64_t* ls
+    cdef const floating* ts
     cdef double value
     cdef int signalled
     lo = 0
     while lo < m:
         nb = batch_size if m - lo > batch_size else m - lo
-        _gather_rows(X, Xb, order + lo, nb, n_in)
-        for i in range(nb):  # and their labels or targets
-            if Lb != NULL:
-                Lb[i] = labels[order[lo + i]]
-            else:
-                memcpy(Tb + i * n_out, T + order[lo + i] * n_out, n_out * sizeof(floating))
-        if _optim_step(Xb, Lb, Tb, params, A, D, grad, nb, n_layers, sizes, acts, loss, o,
+        first = order[lo]
+        i = 1
+        while i < nb and order[lo + i] == first + i:
+            i += 1
+        if i == nb:  # consecutive rows: in place
+            xs = X + first * n_in
+            ls = labels + first if Lb != NULL else NULL
+            ts = T + first * n_out if Lb == NULL else NULL
+        else:
+            _gather_rows(X, Xb, order + lo, nb, n_in)
+            for i in range(nb):  # and their labels or targets
+                if Lb != NULL:
+                    Lb[i] = labels[order[lo + i]]
+                else:
+                    memcpy(Tb + i * n_out, T + order[lo + i] * n_out, n_out * sizeof(floating))
+            xs, ls, ts = Xb, Lb, Tb
+        if _optim_step(xs, ls, ts, params, A, D, grad, nb, n_layers, sizes, acts, loss, o,
                        steps[0], &value):
             return 1
         loss_sum[0] += value * nb

@@ -613,7 +613,9 @@ def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activati
     X_batch : ndarray, shape (>= min(batch_size, m), sizes[0])
     labels_batch : ndarray of int64, shape (X_batch rows,), or None
     targets_batch : ndarray, shape (X_batch rows, sizes[-1]), or None
-        Buffers the batch rows are gathered into.
+        Scratch buffers the batch rows are gathered into (the compiled kernel
+        reads a batch of consecutive rows, as every batch without shuffling, in
+        place instead: the same results).
     momentum_buffer : ndarray, shape (p,), or None
     stop : ndarray of int8, shape (1,)
         Checked after every step: non-zero ends the epoch there (set it from
