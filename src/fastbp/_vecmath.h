@@ -628,28 +628,6 @@ static inline T fbp_derivative_##S(T a, int act, T slope)                       
     return 1;                                                                            \
 }                                                                                        \
                                                                                          \
-static inline void fbp_act_backward_span_##S(const T *A, const T *dA, T *out,           \
-                                             ptrdiff_t size, int act, T slope)           \
-{                                                                                        \
-    for (ptrdiff_t i = 0; i < size; i++)                                                 \
-        out[i] = dA[i] * fbp_derivative_##S(A[i], act, slope);                           \
-}                                                                                        \
-                                                                                         \
-/* out = dA * act'(z), from the outputs A = act(z); out may be dA. */                    \
-FBP_CLONES static void fbp_act_backward_##S(const T *A, const T *dA, T *out,            \
-                                            ptrdiff_t size, int act, T slope)            \
-{                                                                                        \
-    switch (act) {                                                                       \
-    case FBP_RELU: fbp_act_backward_span_##S(A, dA, out, size, FBP_RELU, slope); break;  \
-    case FBP_LEAKY_RELU:                                                                 \
-        fbp_act_backward_span_##S(A, dA, out, size, FBP_LEAKY_RELU, slope); break;       \
-    case FBP_SIGMOID:                                                                    \
-        fbp_act_backward_span_##S(A, dA, out, size, FBP_SIGMOID, slope); break;          \
-    case FBP_TANH: fbp_act_backward_span_##S(A, dA, out, size, FBP_TANH, slope); break;  \
-    default: fbp_act_backward_span_##S(A, dA, out, size, FBP_IDENTITY, slope);           \
-    }                                                                                    \
-}                                                                                        \
-                                                                                         \
 /* out (m) = column sums of M (n, m), row after row (each column from 0, in the     */   \
 /* order of its rows). Blocks of 64 columns keep their sums in registers down all  */   \
 /* the rows: adding into out itself chained every row's additions through a store  */   \
@@ -928,17 +906,76 @@ FBP_CLONES static void fbp_adam_##S(T *param, const T *grad, T *m, T *v, T *vmax
 FBP_DEFINE_LOOPS(float, f32, sqrtf)
 FBP_DEFINE_LOOPS(double, f64, sqrt)
 
-/* fbp_act_backward_bound_S: fbp_act_backward (the same bits) that also returns,
- * in e[0] and e[1], the largest exponent field over A and over out, as
- * fbp_max_exponent would (all ones: some element is NaN or infinite). A training
- * step needs both for its finiteness bound (_gradients_bounded in _kernels.pyx):
- * a hidden layer's outputs A are the next layer's input, and out its dZ. Two
- * scans of their own took 2.4% of a digits-network step; here the values are in
- * registers already. */
-#define FBP_DEFINE_BOUND_BACKWARD(T, S, U, SHIFT, MASK)                                  __attribute__((always_inline))                                                           static inline void fbp_act_backward_bound_span_##S(const T *A, const T *dA, T *out,                                                        ptrdiff_t size, int act, T slope,                                                        U *mag)                               {                                                                                            const U magnitude = ~((U)1 << (sizeof(U) * 8 - 1));                                      U ma = 0, mo = 0;                                                                        for (ptrdiff_t i = 0; i < size; i++) {                                                       T a = A[i], o = dA[i] * fbp_derivative_##S(a, act, slope);                               U ua, uo;                                                                                out[i] = o;                                                                              memcpy(&ua, &a, sizeof ua);                                                              memcpy(&uo, &o, sizeof uo);                                                              ua &= magnitude;                                                                         uo &= magnitude;                                                                         ma = ua > ma ? ua : ma;                                                                  mo = uo > mo ? uo : mo;                                                              }                                                                                        mag[0] = ma;                                                                             mag[1] = mo;                                                                         }                                                                                                                                                                                 FBP_CLONES static void fbp_act_backward_bound_##S(const T *A, const T *dA, T *out,                                                        ptrdiff_t size, int act, T slope,                                                        int *e)                                {                                                                                            U mag[2];                                                                                switch (act) {                                                                           case FBP_RELU:                                                                               fbp_act_backward_bound_span_##S(A, dA, out, size, FBP_RELU, slope, mag); break;      case FBP_LEAKY_RELU:                                                                         fbp_act_backward_bound_span_##S(A, dA, out, size, FBP_LEAKY_RELU, slope, mag);           break;                                                                               case FBP_SIGMOID:                                                                            fbp_act_backward_bound_span_##S(A, dA, out, size, FBP_SIGMOID, slope, mag);              break;                                                                               case FBP_TANH:                                                                               fbp_act_backward_bound_span_##S(A, dA, out, size, FBP_TANH, slope, mag); break;      default:                                                                                     fbp_act_backward_bound_span_##S(A, dA, out, size, FBP_IDENTITY, slope, mag);         }                                                                                        e[0] = (int)((mag[0] >> SHIFT) & MASK);                                                  e[1] = (int)((mag[1] >> SHIFT) & MASK);                                              }
+/* fbp_act_backward_S: out = dA * act'(z), from the outputs A = act(z); out may be
+ * dA. fbp_act_backward_bound_S: the same (the same bits), and in e[0] and e[1] the
+ * largest exponent field over A and over out, as fbp_max_exponent would (all ones:
+ * some element is NaN or infinite). A training step needs both for its finiteness
+ * bound (_gradients_bounded in _kernels.pyx): a hidden layer's outputs A are the
+ * next layer's input, and out its dZ. Two scans of their own took 2.4% of a
+ * digits-network step; here the values are in registers already. One loop serves
+ * both: with mag a constant NULL (fbp_act_backward) the tracking compiles away. */
+#define FBP_DEFINE_ACT_BACKWARD(T, S, U, SHIFT, MASK)                                    \
+__attribute__((always_inline))                                                           \
+static inline void fbp_act_backward_span_##S(const T *A, const T *dA, T *out,            \
+                                             ptrdiff_t size, int act, T slope, U *mag)   \
+{                                                                                        \
+    const U magnitude = ~((U)1 << (sizeof(U) * 8 - 1));                                  \
+    U ma = 0, mo = 0;                                                                    \
+    for (ptrdiff_t i = 0; i < size; i++) {                                               \
+        T a = A[i], o = dA[i] * fbp_derivative_##S(a, act, slope);                       \
+        out[i] = o;                                                                      \
+        if (mag != NULL) {                                                               \
+            U ua, uo;                                                                    \
+            memcpy(&ua, &a, sizeof ua);                                                  \
+            memcpy(&uo, &o, sizeof uo);                                                  \
+            ua &= magnitude;                                                             \
+            uo &= magnitude;                                                             \
+            ma = ua > ma ? ua : ma;                                                      \
+            mo = uo > mo ? uo : mo;                                                      \
+        }                                                                                \
+    }                                                                                    \
+    if (mag != NULL) {                                                                   \
+        mag[0] = ma;                                                                     \
+        mag[1] = mo;                                                                     \
+    }                                                                                    \
+}                                                                                        \
+                                                                                         \
+/* the span with act a constant in each case */                                          \
+__attribute__((always_inline))                                                           \
+static inline void fbp_act_backward_switch_##S(const T *A, const T *dA, T *out,          \
+                                               ptrdiff_t size, int act, T slope, U *mag) \
+{                                                                                        \
+    switch (act) {                                                                       \
+    case FBP_RELU:                                                                       \
+        fbp_act_backward_span_##S(A, dA, out, size, FBP_RELU, slope, mag); break;        \
+    case FBP_LEAKY_RELU:                                                                 \
+        fbp_act_backward_span_##S(A, dA, out, size, FBP_LEAKY_RELU, slope, mag); break;  \
+    case FBP_SIGMOID:                                                                    \
+        fbp_act_backward_span_##S(A, dA, out, size, FBP_SIGMOID, slope, mag); break;     \
+    case FBP_TANH:                                                                       \
+        fbp_act_backward_span_##S(A, dA, out, size, FBP_TANH, slope, mag); break;        \
+    default: fbp_act_backward_span_##S(A, dA, out, size, FBP_IDENTITY, slope, mag);      \
+    }                                                                                    \
+}                                                                                        \
+                                                                                         \
+FBP_CLONES static void fbp_act_backward_##S(const T *A, const T *dA, T *out,             \
+                                            ptrdiff_t size, int act, T slope)            \
+{                                                                                        \
+    fbp_act_backward_switch_##S(A, dA, out, size, act, slope, NULL);                     \
+}                                                                                        \
+                                                                                         \
+FBP_CLONES static void fbp_act_backward_bound_##S(const T *A, const T *dA, T *out,       \
+                                                  ptrdiff_t size, int act, T slope,      \
+                                                  int *e)                                \
+{                                                                                        \
+    U mag[2];                                                                            \
+    fbp_act_backward_switch_##S(A, dA, out, size, act, slope, mag);                      \
+    e[0] = (int)((mag[0] >> SHIFT) & MASK);                                              \
+    e[1] = (int)((mag[1] >> SHIFT) & MASK);                                              \
+}
 
-FBP_DEFINE_BOUND_BACKWARD(float, f32, uint32_t, 23, 0xffu)
-FBP_DEFINE_BOUND_BACKWARD(double, f64, uint64_t, 52, 0x7ffu)
+FBP_DEFINE_ACT_BACKWARD(float, f32, uint32_t, 23, 0xffu)
+FBP_DEFINE_ACT_BACKWARD(double, f64, uint64_t, 52, 0x7ffu)
 
 /* log(1 + e) in double for e in [0, 1], the range of e = exp(-|z|) in the binary
  * cross-entropy: 2 atanh(s) = t (1 + q) with t = 2s = 2e / (2 + e), which lies in
