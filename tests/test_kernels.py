@@ -835,6 +835,10 @@ def _bad_calls():
     y = np.array([0, 1, 1, 0])
     Z = np.ones((4, 2))
     p = np.zeros(5)
+    # the other byte order than the machine's (the kernels read plain arrays
+    # through NumPy's C API, where its type number is the native type's)
+    def swapped(a):
+        return a.astype(a.dtype.newbyteorder())
     return {
         "forward: W wrong width": (lambda k: k.dense_forward(X, np.ones((2, 4)), b, "relu", out), ValueError, "W"),
         "forward: b wrong size": (lambda k: k.dense_forward(X, W, np.ones(3), "relu", out), ValueError, "b"),
@@ -933,6 +937,15 @@ def _bad_calls():
         "epoch: buffer overlaps params": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, (pp := np.zeros(14)), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, pp, np.zeros(1, np.int8), 0.1, momentum=0.9), ValueError, "overlaps"),
         "epoch: bad label": (lambda k: k.mlp_sgd_epoch(X, np.array([0, 1, 0, 7]), None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "y[3] = 7"),
         "adam: step 0": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 0, 0.1), ValueError, "step"),
+        "all_finite: byte-swapped": (lambda k: k.all_finite(swapped(np.ones(5))), TypeError, "x has dtype"),
+        "forward all: byte-swapped X": (lambda k: k.mlp_forward(swapped(X), None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((4, 2))), TypeError, "X has dtype"),
+        "forward all: byte-swapped out": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), swapped(np.zeros((4, 2)))), TypeError, "out has dtype"),
+        "mlp: byte-swapped params": (lambda k: k.mlp_gradients(X, y, None, swapped(np.zeros(14)), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14)), TypeError, "params has dtype"),
+        "step: byte-swapped labels": (lambda k: k.mlp_sgd_step(X, swapped(y.astype(np.int64)), None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1), TypeError, "labels has dtype"),
+        "step: byte-swapped buffer": (lambda k: k.mlp_sgd_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), swapped(np.zeros(14)), 0.1, momentum=0.9), TypeError, "momentum_buffer has dtype"),
+        "adam step: byte-swapped state": (lambda k: k.mlp_adam_step(X, y, None, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), swapped(np.zeros(14)), np.zeros(14), None, 1, 0.1), TypeError, "exp_avg has dtype"),
+        "epoch: byte-swapped order": (lambda k: k.mlp_sgd_epoch(X, y, None, swapped(np.arange(4, dtype=np.int64)), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), TypeError, "order has dtype"),
+        "adam epoch: byte-swapped X": (lambda k: k.mlp_adam_epoch(swapped(X), y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, np.zeros(14), np.zeros(14), None, np.zeros(1, np.int8), 1, 0.1), TypeError, "X has dtype"),
         "adam: read-only param": (lambda k: k.adam_update(ro.reshape(-1), np.ones(8), np.zeros(8), np.zeros(8), None, 1, 0.1), ValueError, "param"),
     }
 

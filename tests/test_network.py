@@ -452,6 +452,29 @@ def test_step_converts_what_the_kernel_refuses(monkeypatch):
         np.testing.assert_array_equal(net.params, nets[0].params)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("swap", ["X", "y"])
+def test_step_reads_byte_swapped_arrays_by_value(optimizer, swap):
+    # arrays in the other byte order than the machine's share the native type's
+    # NumPy type number: from the second step on (the workspace allocated) the
+    # one-call path had read a byte-swapped X's bytes as native floats and
+    # trained on garbage. They are converted instead, as any other dtype.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    swapped = {"X": (X.astype(X.dtype.newbyteorder()), y),
+               "y": (X, y.astype(y.dtype.newbyteorder()))}[swap]
+    runs = []
+    for Xb, yb in ((X, y), swapped):
+        net = fastbp.MLP([5, 3, 4], seed=0, dtype="float32")
+        opt = (fastbp.SGD(net.params, lr=0.1, momentum=0.9) if optimizer == "sgd"
+               else fastbp.Adam(net.params, lr=0.01))
+        runs.append(([net.step(Xb, yb, opt) for _ in range(4)], net.params.copy()))
+    (losses, params), (swapped_losses, swapped_params) = runs
+    assert swapped_losses == losses
+    np.testing.assert_array_equal(swapped_params, params)
+
+
 @pytest.mark.parametrize("loss, y, message", [
     ("mse", np.full((2, 3), np.nan), "NaN"),
     ("mse", np.ones((2, 2)), r"shape \(n_samples, 3\)"),

@@ -1926,12 +1926,15 @@ def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
 
 
 cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
-    """`a` is an ndarray of this type and dimension, C-contiguous (and writable)."""
+    """`a` is an ndarray of this type and dimension in the machine's byte order,
+    C-contiguous (and writable). (The type number of '>f4' is float32's too: read
+    as float32, a byte-swapped array gave garbage where the reference raises.)"""
     if not cnp.PyArray_Check(a):
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
     return (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == ndim
-            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr)
+            and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
 
 
 cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targets,
