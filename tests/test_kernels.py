@@ -677,6 +677,36 @@ def test_compiled_epoch_reads_plain_arrays_as_it_reads_any_buffer(dtype, loss, o
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_int64_arrays_made_as_longlong_are_int64(kernels):
+    # np.longlong is np.int64 to NumPy (the dtypes compare equal) but has a type
+    # number of its own: the compiled mlp_forward refused such labels with a bare
+    # "invalid arguments". Every call that takes labels or an order gives the
+    # same results with either.
+    q = np.dtype(np.longlong)
+    if q.itemsize != 8 or q != np.dtype(np.int64) or q.num == np.dtype(np.int64).num:
+        pytest.skip("np.longlong is not a second int64 type here")
+    args, n_params = _epoch_arrays(np.float64, "cross_entropy")
+    X, labels, order, params, sizes, acts = args[0], args[1], args[3], args[5], args[6], args[7]
+    net = (sizes, acts, "cross_entropy", "identity")
+    results = []
+    for as_type in (np.int64, np.longlong):
+        y, o = labels.astype(as_type), order.astype(as_type)
+        work = [np.zeros(X.shape[0] * 9) for _ in range(2)]
+        grad = np.empty(n_params)
+        forward = kernels.mlp_forward(X, y, None, params, *net, work[0], None)
+        loss = kernels.mlp_gradients(X, y, None, params, *net, *work, grad)
+        p = params.copy()
+        step = kernels.mlp_sgd_step(X, y, None, p, *net, *work, np.empty(n_params), None, 0.1)
+        pe = params.copy()
+        epoch = kernels.mlp_sgd_epoch(X, y, None, o, 5, pe, *net, np.empty(45), np.empty(45),
+                                      np.empty(n_params), np.empty((5, 3)),
+                                      np.empty(5, as_type), None, None, np.zeros(1, np.int8), 0.1)
+        results.append((forward, loss, grad, step, p, epoch, pe))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("batch_size", [1, 5, 8])

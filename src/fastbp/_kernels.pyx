@@ -1926,15 +1926,18 @@ def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
 
 
 cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
-    """`a` is an ndarray of this type and dimension in the machine's byte order,
-    C-contiguous (and writable). (The type number of '>f4' is float32's too: read
-    as float32, a byte-swapped array gave garbage where the reference raises.)"""
+    """`a` is an ndarray of this type (or one NumPy holds equal to it: int64 labels
+    made as np.longlong have a type number of their own) and dimension, in the
+    machine's byte order, C-contiguous (and writable). (The type number of '>f4'
+    is float32's too: read as float32, a byte-swapped array gave garbage where the
+    reference raises.)"""
     if not cnp.PyArray_Check(a):
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    return (cnp.PyArray_TYPE(arr) == typenum and cnp.PyArray_NDIM(arr) == ndim
-            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISNOTSWAPPED(arr)
-            and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return ((t == typenum or cnp.PyArray_EquivTypenums(t, typenum))
+            and cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr) and (not writable or cnp.PyArray_ISWRITEABLE(arr)))
 
 
 cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targets,
