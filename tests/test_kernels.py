@@ -232,6 +232,24 @@ def test_adam_update(impl, dtype, p, seed, steps, betas, weight_decay, decoupled
         assert_close(a, e, scale=np.abs(e).max() + 1e-3)
 
 
+@pytest.mark.parametrize("impl, dtype", IMPLEMENTATIONS)
+def test_amsgrad_keeps_a_nan_maximum(impl, dtype):
+    # torch.maximum (and np.maximum) propagate NaN from either side: a NaN in the
+    # running maximum stays there and makes its parameter NaN, as in PyTorch; the
+    # compiled loop had kept the new second moment instead
+    param = np.full(40, 0.5, dtype)
+    grad = np.linspace(-1, 1, 40).astype(dtype)
+    m, v, vmax = np.zeros(40, dtype), np.zeros(40, dtype), np.full(40, 1e-3, dtype)
+    vmax[[3, 21]] = np.nan
+    impl.adam_update(param, grad, m, v, vmax, 1, 0.01, amsgrad=True)
+    nan = np.isnan(param)
+    assert nan.tolist() == np.isnan(vmax).tolist() == [i in (3, 21) for i in range(40)]
+    expected = np.full(40, 0.5)
+    expected64 = [np.zeros(40), np.zeros(40), np.full(40, 1e-3)]
+    reference.adam_update(expected, grad.astype(np.float64), *expected64, 1, 0.01, amsgrad=True)
+    assert_close(param[~nan], expected[~nan], scale=1.0)
+
+
 def draw_network(rng, dtype, n, depth, width, n_in, n_out, loss, with_targets=True):
     """sizes, parameter count, (X, X64), (params, params64), labels, (targets,
     targets64) of a random network and batch (labels or targets None as the loss

@@ -859,8 +859,9 @@ static inline void fbp_adam_span_##S(T *param, const T *grad, T *m, T *v, T *vma
         vi = v[i] * beta2 + beta2_complement * g * g;                                    \
         m[i] = mi;                                                                       \
         v[i] = vi;                                                                       \
-        if (amsgrad) {                                                                   \
-            vi = vmax[i] > vi ? vmax[i] : vi;                                            \
+        if (amsgrad) { /* torch.maximum: a NaN on either side stays */                   \
+            T vm = vmax[i];                                                              \
+            vi = vm > vi || vm != vm ? vm : vi;                                          \
             vmax[i] = vi;                                                                \
         }                                                                                \
         T denom = SQRT(vi) / bc2_sqrt + eps;                                             \
