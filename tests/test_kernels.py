@@ -874,6 +874,11 @@ def test_read_only_inputs_are_accepted(kernels):
 # Bad input: both backends raise the same exception with the same message, and
 # write nothing.
 
+def _read_only(a):
+    a.flags.writeable = False
+    return a
+
+
 def _bad_calls():
     f8, f4 = np.float64, np.float32
     X, W, b, out = np.ones((4, 3)), np.ones((2, 3)), np.ones(2), np.zeros((4, 2))
@@ -985,6 +990,8 @@ def _bad_calls():
         "epoch: buffer overlaps params": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, (pp := np.zeros(14)), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, pp, np.zeros(1, np.int8), 0.1, momentum=0.9), ValueError, "overlaps"),
         "epoch: bad label": (lambda k: k.mlp_sgd_epoch(X, np.array([0, 1, 0, 7]), None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), ValueError, "y[3] = 7"),
         "adam: step 0": (lambda k: k.adam_update(p, np.ones(5), np.zeros(5), np.zeros(5), None, 0, 0.1), ValueError, "step"),
+        "step: read-only params": (lambda k: k.mlp_sgd_step(X, y, None, _read_only(np.zeros(14)), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(16), np.zeros(16), np.zeros(14), None, 0.1), ValueError, "params is read-only"),
+        "epoch: read-only targets_batch": (lambda k: k.mlp_sgd_epoch(X, None, Z, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), None, _read_only(np.zeros((2, 2))), None, np.zeros(1, np.int8), 0.1), ValueError, "targets_batch is read-only"),
         "all_finite: byte-swapped": (lambda k: k.all_finite(swapped(np.ones(5))), TypeError, "x has dtype"),
         "forward all: byte-swapped X": (lambda k: k.mlp_forward(swapped(X), None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((4, 2))), TypeError, "X has dtype"),
         "forward all: byte-swapped out": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), swapped(np.zeros((4, 2)))), TypeError, "out has dtype"),

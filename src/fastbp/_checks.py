@@ -75,7 +75,7 @@ KERNEL_ARRAYS = {
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
     "mlp_forward": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                     ("params", 1, "in"), ("A", 1, "out"), ("out", 2, "out")),
-    "mlp_sgd_step": (("momentum_buffer", 1, "out"),),
+    "mlp_sgd_step": (("params", 1, "out"), ("momentum_buffer", 1, "out")),
     "mlp_adam": (("params", 1, "out"), ("grad", 1, "out"), ("exp_avg", 1, "out"),
                  ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
 }
@@ -97,7 +97,7 @@ def check_call(kernel, **arrays):
         elif role == "flag":
             _check_array(name, a, ndim, np.dtype(np.int8), False)
         else:
-            _check_array(name, a, ndim, dtype, role == "out")
+            _check_array(name, a, ndim, dtype, role.rstrip("?") == "out")
             dtype = a.dtype
     return dtype
 
@@ -251,7 +251,7 @@ def check_step_call(X, labels, targets, params, sizes, activations, loss, output
     """Every check of `mlp_sgd_step`, in the order both backends apply them."""
     check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
     buf = momentum_buffer if momentum else None
-    check_call("mlp_sgd_step", momentum_buffer=buf)
+    check_call("mlp_sgd_step", params=params, momentum_buffer=buf)
     check_sgd_momentum(buf, params, momentum, nesterov, dampening)
     if buf is not None:
         check_no_overlap("momentum_buffer", buf, [("X", X), ("labels", labels), ("targets", targets),
