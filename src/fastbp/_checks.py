@@ -1,10 +1,12 @@
 """Argument checks shared by the two kernel backends.
 
-`fastbp.reference` runs these checks on every call. The compiled kernels rely
-on typed memoryviews for the same checks (they are free there) and call
-`check_arrays` only after a conversion has failed, to replace Cython's generic
-buffer message with one that names the argument. Both backends therefore raise
-the same exception types with the same messages for the same bad input.
+`fastbp.reference` runs these checks on every call. The compiled kernels make
+the same checks where they are free (typed memoryviews; the whole-network calls
+read plain ndarrays through NumPy's C API) and call these only after a refusal,
+to replace a generic message with one that names the argument; an argument that
+is not an ndarray (a memoryview, any other buffer) goes to them first. Both
+backends therefore raise the same exception types with the same messages for the
+same bad input.
 """
 
 import numpy as np

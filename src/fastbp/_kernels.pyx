@@ -4,11 +4,14 @@ Every public function has the name, signature and semantics of its twin in
 `fastbp.reference` (read that module's docstrings for the formulas). Each is
 built in three tiers:
 
-1. a public ``def`` on Python objects that turns a failed argument conversion
-   into an error naming the argument (the same checks and messages as the
-   reference, in `fastbp._checks`);
-2. a private fused ``def`` over typed memoryviews, one body for float32 and
-   float64, that checks shapes, aliasing and BLAS limits, then releases the GIL;
+1. a public ``def`` on Python objects that turns a refused argument into an
+   error naming it (the same checks and messages as the reference, in
+   `fastbp._checks`, which also refuse anything but an ndarray);
+2. the checks of shapes, aliasing and BLAS limits, then the GIL released: for
+   a single kernel, a private fused ``def`` over typed memoryviews, one body for
+   float32 and float64; for the whole-network calls (mlp_*), a ``cdef`` reading
+   plain ndarrays through NumPy's C API (no memoryview objects: nothing
+   allocated per call);
 3. ``cdef ... noexcept nogil`` loops on raw pointers that assume valid input.
 
 GEMMs go through scipy's BLAS (`scipy.linalg.cython_blas`); everything else is
@@ -254,6 +257,14 @@ cdef inline bint _overlap(const void* a, size_t na, const void* b, size_t nb,
     if ca < cb + nb and cb < ca + na:
         return not (allow_identical and ca == cb and na == nb)
     return False
+
+
+cdef inline bint _nd(object a):
+    """`a` is None or an ndarray. The typed memoryviews of the kernels below take any
+    object with the buffer protocol (a memoryview, an array.array), which the
+    reference refuses: each public kernel sends such arguments to check_call first,
+    which names them with the reference's message."""
+    return a is None or cnp.PyArray_Check(a)
 
 
 cdef int _check_blas_size(str name, Py_ssize_t size) except -1:
@@ -654,6 +665,8 @@ def dense_forward(X, W, b, activation, out):
     `fastbp.reference.dense_forward`.
     """
     cdef int act = _activation_code(activation, ACTIVATIONS)
+    if not (_nd(X) and _nd(W) and _nd(b) and _nd(out)):
+        check_call("dense_forward", X=X, W=W, b=b, out=out)
     try:
         _dense_forward(X, W, b, act, out)
     except (TypeError, ValueError):
@@ -697,6 +710,8 @@ def activation_backward(A, dA, activation, out):
     A, dA, out (n, m); out may be dA. See `fastbp.reference.activation_backward`.
     """
     cdef int act = _activation_code(activation, ACTIVATIONS)
+    if not (_nd(A) and _nd(dA) and _nd(out)):
+        check_call("activation_backward", A=A, dA=dA, out=out)
     try:
         _activation_backward(A, dA, act, out)
     except (TypeError, ValueError):
@@ -768,6 +783,8 @@ def dense_backward(dZ, X, W, dW, db, dX=None):
     dZ (n, n_out), X (n, n_in), W and dW (n_out, n_in), db (n_out,), dX (n, n_in)
     or None. See `fastbp.reference.dense_backward`.
     """
+    if not (_nd(dZ) and _nd(X) and _nd(W) and _nd(dW) and _nd(db) and _nd(dX)):
+        check_call("dense_backward", dZ=dZ, X=X, W=W, dW=dW, db=db, dX=dX)
     try:
         _dense_backward(dZ, X, W, dW, db, dX)
     except (TypeError, ValueError):
@@ -837,6 +854,8 @@ def softmax(Z, out):
 
     See `fastbp.reference.softmax`.
     """
+    if not (_nd(Z) and _nd(out)):
+        check_call("softmax", Z=Z, out=out)
     try:
         _softmax(Z, out)
     except (TypeError, ValueError):
@@ -933,6 +952,8 @@ def softmax_cross_entropy(Z, y, dZ=None):
     Z and dZ (n, k), y (n,); returns the loss. See
     `fastbp.reference.softmax_cross_entropy`.
     """
+    if not (_nd(Z) and _nd(y) and _nd(dZ)):
+        check_call("softmax_cross_entropy", Z=Z, y=y, dZ=dZ)
     try:
         return _softmax_cross_entropy(Z, y, dZ)
     except (TypeError, ValueError):
@@ -999,6 +1020,8 @@ def mean_squared_error(A, Y, activation, dZ=None):
     `fastbp.reference.mean_squared_error`.
     """
     cdef int act = _activation_code(activation, OUTPUT_ACTIVATIONS)
+    if not (_nd(A) and _nd(Y) and _nd(dZ)):
+        check_call("mean_squared_error", A=A, Y=Y, dZ=dZ)
     try:
         return _elementwise_loss("mean_squared_error", A, Y, act, dZ)
     except (TypeError, ValueError):
@@ -1012,6 +1035,8 @@ def binary_cross_entropy_with_logits(Z, Y, dZ=None):
     Z, Y and dZ (n, k); returns the loss. See
     `fastbp.reference.binary_cross_entropy_with_logits`.
     """
+    if not (_nd(Z) and _nd(Y) and _nd(dZ)):
+        check_call("binary_cross_entropy_with_logits", Z=Z, Y=Y, dZ=dZ)
     try:
         return _elementwise_loss("binary_cross_entropy_with_logits", Z, Y, IDENTITY, dZ)
     except (TypeError, ValueError):
@@ -1165,6 +1190,8 @@ def sgd_update(param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0,
 
     param, grad, momentum_buffer (p,); see `fastbp.reference.sgd_update`.
     """
+    if not (_nd(param) and _nd(grad) and _nd(momentum_buffer)):
+        check_call("sgd_update", param=param, grad=grad, momentum_buffer=momentum_buffer)
     try:
         _sgd_update(param, grad, momentum_buffer, lr, momentum, dampening, nesterov,
                     weight_decay, maximize, first_step)
@@ -1296,6 +1323,8 @@ def all_finite(x):
                 else:
                     ok = _all_finite_loop(<const double*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0))
         return ok
+    if not _nd(x):
+        check_call("all_finite", x=x)
     try:
         return _all_finite(x)
     except (TypeError, ValueError):
@@ -1687,49 +1716,6 @@ cdef int _net_checks(const _NetArgs* g, tuple sizes, tuple activations, str loss
     return loss_code
 
 
-cdef int _mlp_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
-                          const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
-                          tuple activations, str loss, str output, floating[::1] A,
-                          floating[::1] D, floating[::1] grad, Py_ssize_t buf_size,
-                          const void* buf, Py_ssize_t* c_sizes, int* acts,
-                          _NetArgs* g) except -1:
-    """`_net_checks` on typed memoryviews (buf: buf_size elements, or NULL), through
-    the _NetArgs it fills in g (for `_net_spans`)."""
-    g.n, g.x_cols, g.X = X.shape[0], X.shape[1], &X[0, 0]
-    g.has_labels = labels is not None
-    g.labels, g.labels_len = NULL, 0
-    if g.has_labels:
-        g.labels, g.labels_len = &labels[0], labels.shape[0]
-    g.has_targets = targets is not None
-    g.targets, g.t_rows, g.t_cols = NULL, 0, 0
-    if g.has_targets:
-        g.targets, g.t_rows, g.t_cols = &targets[0, 0], targets.shape[0], targets.shape[1]
-    g.params, g.params_len = &params[0], params.shape[0]
-    g.A, g.A_len = &A[0], A.shape[0]
-    g.D, g.D_len = &D[0], D.shape[0]
-    g.grad, g.grad_len = &grad[0], grad.shape[0]
-    g.has_buf = buf != NULL
-    g.buf, g.buf_len = buf, buf_size
-    g.itemsize = sizeof(floating)
-    return _net_checks(g, sizes, activations, loss, output, c_sizes, acts)
-
-
-def _mlp_gradients(const floating[:, ::1] X, const int64_t[::1] labels,
-                   const floating[:, ::1] targets, const floating[::1] params, tuple sizes,
-                   tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
-                   floating[::1] grad):
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    cdef _NetArgs g
-    cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
-                                          output, A, D, grad, 0, NULL, c_sizes, acts, &g)
-    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, NULL,
-                       len(sizes) - 1, c_sizes, acts, loss_code)
-    if result is None:  # a label out of range
-        raise ValueError
-    return result[0]
-
-
 def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, A, D, grad):
     """Loss and gradient of a whole multi-layer perceptron on a batch, in one call
     without the GIL. See `fastbp.reference.mlp_gradients`."""
@@ -1740,12 +1726,10 @@ def mlp_gradients(X, labels, targets, params, sizes, activations, loss, output, 
         result = None
     if result is not None:
         return result
-    try:
-        return _mlp_gradients(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
-                              output, A, D, grad)
-    except (TypeError, ValueError, KeyError, OverflowError):
-        check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
-        raise ValueError("invalid arguments to mlp_gradients")
+    # refused (arrays of another kind or layout, or a check failed): the
+    # reference's checks name the problem
+    check_mlp_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad)
+    raise ValueError("invalid arguments to mlp_gradients")
 
 
 # ---------------------------------------------------------------------------
@@ -1896,34 +1880,6 @@ def mlp_forward(X, labels, targets, params, sizes, activations, loss, output, A,
 
 # ---------------------------------------------------------------------------
 # mlp_sgd_step: one SGD step of a whole network in one call
-
-def _mlp_sgd_step(const floating[:, ::1] X, const int64_t[::1] labels,
-                  const floating[:, ::1] targets, floating[::1] params, tuple sizes,
-                  tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
-                  floating[::1] grad, floating[::1] momentum_buffer, double lr, double momentum,
-                  double dampening, bint nesterov, double weight_decay, bint maximize,
-                  bint first_step):
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError
-    cdef floating[::1] buf = momentum_buffer if momentum != 0 else None
-    if momentum != 0 and buf is None:
-        raise ValueError
-    cdef floating* pbuf = &buf[0] if buf is not None else NULL
-    cdef _NetArgs g
-    cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
-                                          output, A, D, grad, 0 if pbuf == NULL else buf.shape[0],
-                                          pbuf, c_sizes, acts, &g)
-    cdef _Optim o
-    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
-    o.weight_decay, o.maximize, o.first_step, o.buf = weight_decay, maximize, first_step, pbuf
-    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &o,
-                       len(sizes) - 1, c_sizes, acts, loss_code)
-    if result is None:  # a label out of range
-        raise ValueError
-    return result
-
 
 cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
     """`a` is an ndarray of this type (or one NumPy holds equal to it: int64 labels
@@ -2112,14 +2068,9 @@ def mlp_sgd_step(X, labels, targets, params, sizes, activations, loss, output, A
         result = None
     if result is not None:
         return result
-    try:
-        return _mlp_sgd_step(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
-                             output, A, D, grad, momentum_buffer, lr, momentum, dampening, nesterov,
-                             weight_decay, maximize, first_step)
-    except (TypeError, ValueError, KeyError, OverflowError):
-        check_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
-                        momentum_buffer, momentum, nesterov, dampening)
-        raise ValueError("invalid arguments to mlp_sgd_step")
+    check_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                    momentum_buffer, momentum, nesterov, dampening)
+    raise ValueError("invalid arguments to mlp_sgd_step")
 
 
 # ---------------------------------------------------------------------------
@@ -2374,92 +2325,6 @@ class _Signalled(Exception):
     argument-error handling of `mlp_sgd_epoch`."""
 
 
-cdef int _epoch_fast_checks(const floating[:, ::1] X, const int64_t[::1] labels,
-                            const floating[:, ::1] targets, const int64_t[::1] order,
-                            Py_ssize_t batch_size, floating[::1] params, tuple sizes,
-                            tuple activations, str loss, str output, floating[::1] A,
-                            floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
-                            int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
-                            floating[::1] buf, const int8_t[::1] stop, double momentum,
-                            double dampening, bint nesterov, Py_ssize_t* c_sizes,
-                            int* acts, const void** start, size_t* nbytes,
-                            int* n_spans) except -1:
-    """The checks of `check_epoch_call` in C (a bare ValueError on any failure; the
-    public function then runs check_epoch_call for the message). Returns the loss code;
-    fills start/nbytes (room for 13) with the non-empty arrays' spans, n_spans of them."""
-    cdef Py_ssize_t N = X.shape[0], m = order.shape[0], rows, i, j, n_out
-    cdef size_t s = sizeof(floating)
-    if batch_size < 1 or nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError
-    if momentum != 0 and buf is None or stop.shape[0] != 1 or m == 0:
-        raise ValueError
-    for i in range(m):
-        if order[i] < 0 or order[i] >= N:
-            raise ValueError
-    rows = batch_size if batch_size < m else m
-    if X_batch.shape[1] != X.shape[1] or X_batch.shape[0] < rows:
-        raise ValueError
-    if (labels is None) != (labels_batch is None) or (targets is None) != (targets_batch is None):
-        raise ValueError
-    if labels is not None and (labels.shape[0] != N or labels_batch.shape[0] != X_batch.shape[0]):
-        raise ValueError
-    if targets is not None and (targets.shape[0] != N or targets_batch.shape[0] != X_batch.shape[0]
-                                or targets_batch.shape[1] != targets.shape[1]):
-        raise ValueError
-    # writable arguments must not overlap any other
-    cdef bint writable[13]
-    cdef int count = 0
-    for i, (p, size, w) in enumerate((
-            (<size_t>&X[0, 0] if X.shape[0] and X.shape[1] else 0, X.shape[0] * X.shape[1] * s, False),
-            (<size_t>&labels[0] if labels is not None and N else 0, N * sizeof(int64_t), False),
-            (<size_t>&targets[0, 0] if targets is not None and targets.size else 0,
-             targets.shape[0] * targets.shape[1] * s if targets is not None else 0, False),
-            (<size_t>&order[0], m * sizeof(int64_t), False),
-            (<size_t>&params[0] if params.shape[0] else 0, params.shape[0] * s, True),
-            (<size_t>&A[0] if A.shape[0] else 0, A.shape[0] * s, True),
-            (<size_t>&D[0] if D.shape[0] else 0, D.shape[0] * s, True),
-            (<size_t>&grad[0] if grad.shape[0] else 0, grad.shape[0] * s, True),
-            (<size_t>&X_batch[0, 0] if X_batch.size else 0, X_batch.shape[0] * X_batch.shape[1] * s, True),
-            (<size_t>&labels_batch[0] if labels_batch is not None and labels_batch.shape[0] else 0,
-             labels_batch.shape[0] * sizeof(int64_t) if labels_batch is not None else 0, True),
-            (<size_t>&targets_batch[0, 0] if targets_batch is not None and targets_batch.size else 0,
-             targets_batch.size * s if targets_batch is not None else 0, True),
-            (<size_t>&buf[0] if buf is not None and buf.shape[0] else 0,
-             buf.shape[0] * s if buf is not None else 0, True),
-            (<size_t>&stop[0], 1, False))):
-        if p and size:
-            start[count], nbytes[count], writable[count] = <const void*><size_t>p, size, w
-            count += 1
-    for i in range(count):
-        if writable[i]:
-            for j in range(count):
-                if i != j and _overlap(start[i], nbytes[i], start[j], nbytes[j], False):
-                    raise ValueError
-    n_spans[0] = count
-    # the network part, as mlp_gradients checks it, on a full batch
-    cdef floating[:, ::1] Xb = X_batch[:rows]
-    cdef int64_t[::1] lb = None
-    cdef floating[:, ::1] tb = None
-    cdef floating* pbuf = NULL
-    if labels is not None:
-        lb = labels_batch[:rows]
-    if targets is not None:
-        tb = targets_batch[:rows]
-    if buf is not None:
-        pbuf = &buf[0]
-    cdef _NetArgs g
-    cdef int loss_code = _mlp_fast_checks(Xb, lb, tb, params, sizes, activations, loss, output,
-                                          A, D, grad, 0 if pbuf == NULL else buf.shape[0], pbuf,
-                                          c_sizes, acts, &g)
-    if labels is not None:
-        n_out = c_sizes[len(sizes) - 1]
-        with nogil:
-            i = _first_bad_label(&labels[0], N, n_out)
-        if i >= 0:
-            raise ValueError
-    return loss_code
-
-
 cdef object _run_epoch_on(int t, const void* X, const int64_t* labels, const void* targets,
                           const int64_t* order, Py_ssize_t m, Py_ssize_t batch_size, void* params,
                           void* A, void* D, void* grad, void* X_batch, int64_t* labels_batch,
@@ -2496,24 +2361,6 @@ cdef object _run_epoch_on(int t, const void* X, const int64_t* labels, const voi
     return loss_sum, steps, status
 
 
-cdef object _run_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
-                       const floating[:, ::1] targets, const int64_t[::1] order,
-                       Py_ssize_t batch_size, floating[::1] params, floating[::1] A,
-                       floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
-                       int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
-                       const int8_t[::1] stop, const _Optim* o, Py_ssize_t n_layers,
-                       const Py_ssize_t* c_sizes, const int* acts, int loss_code):
-    """`_run_epoch_on` on checked typed memoryviews."""
-    return _run_epoch_on(
-        cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &X[0, 0],
-        &labels[0] if labels is not None else NULL,
-        &targets[0, 0] if targets is not None else NULL, &order[0], order.shape[0], batch_size,
-        &params[0], &A[0], &D[0], &grad[0], &X_batch[0, 0],
-        &labels_batch[0] if labels_batch is not None else NULL,
-        &targets_batch[0, 0] if targets_batch is not None else NULL, &stop[0], o, n_layers,
-        c_sizes, acts, loss_code)
-
-
 cdef struct _EpochArgs:
     # The arrays of a whole-epoch call beside the network's (_NetArgs: the batch
     # buffers stand there for X, labels and targets), as pointers and sizes.
@@ -2535,7 +2382,7 @@ cdef int _epoch_direct_checks(_EpochArgs* e, _NetArgs* g, object X, object label
                               object targets_batch, object buf, object stop, Py_ssize_t* c_sizes,
                               int* acts, int* loss_code, const void** start,
                               size_t* nbytes, int* n_spans) except -2:
-    """The checks of `_epoch_fast_checks` on plain ndarrays read through NumPy's C
+    """The checks of `check_epoch_call` on plain ndarrays read through NumPy's C
     API (no memoryview objects: that path cost about 13 us a call, 2% of a digits
     network's epoch). Fills e, g (the batch buffers in the place of X, labels and
     targets, as the steps see them), c_sizes, acts and loss_code, and the arrays'
@@ -2684,64 +2531,32 @@ cdef object _epoch_direct(bint adam, object X, object labels, object targets, ob
                          e.targets_batch, e.stop, &o, len(sizes) - 1, c_sizes, acts, loss_code)
 
 
-def _mlp_sgd_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
-                   const floating[:, ::1] targets, const int64_t[::1] order, Py_ssize_t batch_size,
-                   floating[::1] params, tuple sizes, tuple activations, str loss, str output,
-                   floating[::1] A, floating[::1] D, floating[::1] grad, floating[:, ::1] X_batch,
-                   int64_t[::1] labels_batch, floating[:, ::1] targets_batch,
-                   floating[::1] momentum_buffer, const int8_t[::1] stop, double lr,
-                   double momentum, double dampening, bint nesterov, double weight_decay,
-                   bint maximize, bint first_step):
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    cdef const void* spans[13]
-    cdef size_t span_bytes[13]
-    cdef int n_spans
-    cdef floating[::1] buf = momentum_buffer if momentum != 0 else None
-    cdef int loss_code = _epoch_fast_checks(
-        X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
-        grad, X_batch, labels_batch, targets_batch, buf, stop, momentum, dampening, nesterov,
-        c_sizes, acts, spans, span_bytes, &n_spans)
-    cdef _Optim o
-    o.adam, o.lr, o.momentum, o.dampening, o.nesterov = False, lr, momentum, dampening, nesterov
-    o.weight_decay, o.maximize, o.first_step = weight_decay, maximize, first_step
-    o.buf = &buf[0] if buf is not None else NULL
-    return _run_epoch(X, labels, targets, order, batch_size, params, A, D, grad, X_batch,
-                      labels_batch, targets_batch, stop, &o, len(sizes) - 1, c_sizes, acts,
-                      loss_code)
-
-
 def mlp_sgd_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
                   A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer, stop, lr,
                   momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
                   first_step=False):
     """One epoch of mini-batch SGD on a whole network in one call, without the GIL
     but for a signal check after every batch. See `fastbp.reference.mlp_sgd_epoch`."""
+    result = None
     try:
-        if isinstance(batch_size, bool):
-            raise TypeError
-        try:
+        if not isinstance(batch_size, bool):
             result = _epoch_direct(False, X, labels, targets, order, batch_size, params,
                                    tuple(sizes), tuple(activations), loss, output, A, D, grad,
                                    X_batch, labels_batch, targets_batch, stop, lr, weight_decay,
                                    maximize, momentum_buffer, momentum, dampening, nesterov,
                                    first_step, None, None, None, 1, 0, 0, 0, False, False)
-        except (TypeError, ValueError, KeyError, OverflowError):
-            result = None
-        if result is not None:
-            return result
-        return _mlp_sgd_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
-                              tuple(activations), loss, output, A, D, grad, X_batch, labels_batch,
-                              targets_batch, momentum_buffer, stop, lr, momentum, dampening,
-                              nesterov, weight_decay, maximize, first_step)
     except _Signalled as signalled:
         raise signalled.args[0] from None
     except (TypeError, ValueError, KeyError, OverflowError):
-        # checks in C failed (or a conversion did): the reference's checks name the problem
-        check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
-                         output, A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer,
-                         momentum, nesterov, dampening, stop)
-        raise ValueError("invalid arguments to mlp_sgd_epoch")
+        result = None
+    if result is not None:
+        return result
+    # refused (arrays of another kind or layout, or a check in C failed, or a
+    # conversion did): the reference's checks name the problem
+    check_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations, loss,
+                     output, A, D, grad, X_batch, labels_batch, targets_batch, momentum_buffer,
+                     momentum, nesterov, dampening, stop)
+    raise ValueError("invalid arguments to mlp_sgd_epoch")
 
 # ---------------------------------------------------------------------------
 # mlp_adam_step and mlp_adam_epoch: Adam (AdamW) steps of a whole network
@@ -2839,50 +2654,6 @@ cdef bint _adam_direct_optim(_Optim* o, int t, Py_ssize_t n_params, object m, ob
     return True
 
 
-cdef int _adam_optim(_Optim* o, Py_ssize_t n_params, floating[::1] exp_avg,
-                     floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, long step,
-                     double lr, double beta1, double beta2, double eps, double weight_decay,
-                     bint decoupled, bint amsgrad, bint maximize, const void** spans,
-                     const size_t* span_bytes, int n_spans) except -1:
-    """Check Adam's state against the call's other arrays (`_adam_state_checks`) and
-    fill o for it (bare ValueError on failure, as the other fast checks)."""
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError
-    cdef floating* pvmax = &max_exp_avg_sq[0] if amsgrad else NULL
-    _adam_state_checks(n_params, &exp_avg[0], exp_avg.shape[0], &exp_avg_sq[0],
-                       exp_avg_sq.shape[0], pvmax, max_exp_avg_sq.shape[0] if amsgrad else 0,
-                       sizeof(floating), step, spans, span_bytes, n_spans)
-    o.adam, o.lr, o.beta1, o.beta2, o.eps = True, lr, beta1, beta2, eps
-    o.weight_decay, o.decoupled, o.maximize, o.step = weight_decay, decoupled, maximize, step
-    o.m, o.v, o.vmax = &exp_avg[0], &exp_avg_sq[0], pvmax
-    return 0
-
-
-def _mlp_adam_step(const floating[:, ::1] X, const int64_t[::1] labels,
-                   const floating[:, ::1] targets, floating[::1] params, tuple sizes,
-                   tuple activations, str loss, str output, floating[::1] A, floating[::1] D,
-                   floating[::1] grad, floating[::1] exp_avg, floating[::1] exp_avg_sq,
-                   floating[::1] max_exp_avg_sq, long step, double lr, double beta1,
-                   double beta2, double eps, double weight_decay, bint decoupled, bint amsgrad,
-                   bint maximize):
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    cdef _NetArgs g
-    cdef int loss_code = _mlp_fast_checks(X, labels, targets, params, sizes, activations, loss,
-                                          output, A, D, grad, 0, NULL, c_sizes, acts, &g)
-    cdef const void* spans[7]
-    cdef size_t span_bytes[7]
-    cdef int n_spans = _net_spans(&g, spans, span_bytes)
-    cdef _Optim o
-    _adam_optim(&o, params.shape[0], exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
-                eps, weight_decay, decoupled, amsgrad, maximize, spans, span_bytes, n_spans)
-    result = _run_step(&g, cnp.NPY_FLOAT32 if floating is float else cnp.NPY_FLOAT64, &o,
-                       len(sizes) - 1, c_sizes, acts, loss_code)
-    if result is None:  # a label out of range
-        raise ValueError
-    return result
-
-
 def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
                   exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
                   weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False):
@@ -2899,17 +2670,9 @@ def mlp_adam_step(X, labels, targets, params, sizes, activations, loss, output, 
         result = None
     if result is not None:
         return result
-    try:
-        if isinstance(step, bool):
-            raise TypeError
-        return _mlp_adam_step(X, labels, targets, params, tuple(sizes), tuple(activations), loss,
-                              output, A, D, grad, exp_avg, exp_avg_sq,
-                              max_exp_avg_sq if amsgrad else None, step, lr, beta1, beta2, eps,
-                              weight_decay, decoupled_weight_decay, amsgrad, maximize)
-    except (TypeError, ValueError, KeyError, OverflowError):
-        check_adam_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D,
-                             grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
-        raise ValueError("invalid arguments to mlp_adam_step")
+    check_adam_step_call(X, labels, targets, params, sizes, activations, loss, output, A, D, grad,
+                         exp_avg, exp_avg_sq, max_exp_avg_sq, step, amsgrad)
+    raise ValueError("invalid arguments to mlp_adam_step")
 
 
 cdef bint _in_unit_interval(object y, object X):
@@ -2981,34 +2744,6 @@ def _net_step(net, X, y, o, bint adam):
     return result[0]
 
 
-def _mlp_adam_epoch(const floating[:, ::1] X, const int64_t[::1] labels,
-                    const floating[:, ::1] targets, const int64_t[::1] order,
-                    Py_ssize_t batch_size, floating[::1] params, tuple sizes, tuple activations,
-                    str loss, str output, floating[::1] A, floating[::1] D, floating[::1] grad,
-                    floating[:, ::1] X_batch, int64_t[::1] labels_batch,
-                    floating[:, ::1] targets_batch, floating[::1] exp_avg,
-                    floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq,
-                    const int8_t[::1] stop, long step, double lr, double beta1, double beta2,
-                    double eps, double weight_decay, bint decoupled, bint amsgrad, bint maximize):
-    cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
-    cdef int acts[MAX_LAYERS]
-    cdef const void* spans[13]
-    cdef size_t span_bytes[13]
-    cdef int n_spans
-    cdef floating[::1] no_buf = None
-    cdef int loss_code = _epoch_fast_checks(
-        X, labels, targets, order, batch_size, params, sizes, activations, loss, output, A, D,
-        grad, X_batch, labels_batch, targets_batch, no_buf, stop, 0, 0, False, c_sizes, acts,
-        spans, span_bytes, &n_spans)
-    # the state must not overlap any of the epoch's arrays (spans from the checks above)
-    cdef _Optim o
-    _adam_optim(&o, params.shape[0], exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2,
-                eps, weight_decay, decoupled, amsgrad, maximize, spans, span_bytes, n_spans)
-    return _run_epoch(X, labels, targets, order, batch_size, params, A, D, grad, X_batch,
-                      labels_batch, targets_batch, stop, &o, len(sizes) - 1, c_sizes, acts,
-                      loss_code)
-
-
 def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activations, loss, output,
                    A, D, grad, X_batch, labels_batch, targets_batch, exp_avg, exp_avg_sq,
                    max_exp_avg_sq, stop, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -3016,29 +2751,22 @@ def mlp_adam_epoch(X, labels, targets, order, batch_size, params, sizes, activat
     """One epoch of mini-batch Adam (AdamW) on a whole network in one call, without
     the GIL but for a signal check after every batch. See
     `fastbp.reference.mlp_adam_epoch`."""
+    result = None
     try:
-        if isinstance(batch_size, bool) or isinstance(step, bool):
-            raise TypeError
-        try:
+        if not (isinstance(batch_size, bool) or isinstance(step, bool)):
             result = _epoch_direct(True, X, labels, targets, order, batch_size, params,
                                    tuple(sizes), tuple(activations), loss, output, A, D, grad,
                                    X_batch, labels_batch, targets_batch, stop, lr, weight_decay,
                                    maximize, None, 0, 0, False, False, exp_avg, exp_avg_sq,
                                    max_exp_avg_sq, step, beta1, beta2, eps,
                                    decoupled_weight_decay, amsgrad)
-        except (TypeError, ValueError, KeyError, OverflowError):
-            result = None
-        if result is not None:
-            return result
-        return _mlp_adam_epoch(X, labels, targets, order, batch_size, params, tuple(sizes),
-                               tuple(activations), loss, output, A, D, grad, X_batch,
-                               labels_batch, targets_batch, exp_avg, exp_avg_sq,
-                               max_exp_avg_sq if amsgrad else None, stop, step, lr, beta1, beta2,
-                               eps, weight_decay, decoupled_weight_decay, amsgrad, maximize)
     except _Signalled as signalled:
         raise signalled.args[0] from None
     except (TypeError, ValueError, KeyError, OverflowError):
-        check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations,
-                              loss, output, A, D, grad, X_batch, labels_batch, targets_batch,
-                              exp_avg, exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad)
-        raise ValueError("invalid arguments to mlp_adam_epoch")
+        result = None
+    if result is not None:
+        return result
+    check_adam_epoch_call(X, labels, targets, order, batch_size, params, sizes, activations,
+                          loss, output, A, D, grad, X_batch, labels_batch, targets_batch,
+                          exp_avg, exp_avg_sq, max_exp_avg_sq, stop, step, amsgrad)
+    raise ValueError("invalid arguments to mlp_adam_epoch")
