@@ -53,33 +53,34 @@ def _check_array(name, a, ndim, dtype, writable):
 
 
 #: The array arguments of each kernel, in signature order: (name, ndim, role).
-#: role is "in" (read), "out" (written; may be None where the kernel allows it)
-#: or "labels" (int64 class labels); a trailing "?" lets an argument be None.
+#: role is "in" (read), "out" (written) or "labels" (int64 class labels); a
+#: trailing "?" lets an argument be None (an optional output, or one a setting
+#: leaves out).
 KERNEL_ARRAYS = {
     "dense_forward": (("X", 2, "in"), ("W", 2, "in"), ("b", 1, "in"), ("out", 2, "out")),
     "activation_backward": (("A", 2, "in"), ("dA", 2, "in"), ("out", 2, "out")),
     "dense_backward": (("dZ", 2, "in"), ("X", 2, "in"), ("W", 2, "in"),
-                       ("dW", 2, "out"), ("db", 1, "out"), ("dX", 2, "out")),
+                       ("dW", 2, "out"), ("db", 1, "out"), ("dX", 2, "out?")),
     "softmax": (("Z", 2, "in"), ("out", 2, "out")),
-    "softmax_cross_entropy": (("Z", 2, "in"), ("y", 1, "labels"), ("dZ", 2, "out")),
-    "mean_squared_error": (("A", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
-    "binary_cross_entropy_with_logits": (("Z", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out")),
-    "sgd_update": (("param", 1, "out"), ("grad", 1, "in"), ("momentum_buffer", 1, "out")),
+    "softmax_cross_entropy": (("Z", 2, "in"), ("y", 1, "labels"), ("dZ", 2, "out?")),
+    "mean_squared_error": (("A", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out?")),
+    "binary_cross_entropy_with_logits": (("Z", 2, "in"), ("Y", 2, "in"), ("dZ", 2, "out?")),
+    "sgd_update": (("param", 1, "out"), ("grad", 1, "in"), ("momentum_buffer", 1, "out?")),
     "adam_update": (("param", 1, "out"), ("grad", 1, "in"), ("exp_avg", 1, "out"),
-                    ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
+                    ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out?")),
     "all_finite": (("x", 1, "in"),),
     "mlp_sgd_epoch": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("order", 1, "labels"), ("params", 1, "out"), ("A", 1, "out"),
                       ("D", 1, "out"), ("grad", 1, "out"), ("X_batch", 2, "out"),
                       ("labels_batch", 1, "out_labels?"), ("targets_batch", 2, "out?"),
-                      ("momentum_buffer", 1, "out"), ("stop", 1, "flag")),
+                      ("momentum_buffer", 1, "out?"), ("stop", 1, "flag")),
     "mlp_gradients": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
                       ("params", 1, "in"), ("A", 1, "out"), ("D", 1, "out"), ("grad", 1, "out")),
     "mlp_forward": (("X", 2, "in"), ("labels", 1, "labels?"), ("targets", 2, "in?"),
-                    ("params", 1, "in"), ("A", 1, "out"), ("out", 2, "out")),
-    "mlp_sgd_step": (("params", 1, "out"), ("momentum_buffer", 1, "out")),
+                    ("params", 1, "in"), ("A", 1, "out"), ("out", 2, "out?")),
+    "mlp_sgd_step": (("params", 1, "out"), ("momentum_buffer", 1, "out?")),
     "mlp_adam": (("params", 1, "out"), ("grad", 1, "out"), ("exp_avg", 1, "out"),
-                 ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out")),
+                 ("exp_avg_sq", 1, "out"), ("max_exp_avg_sq", 1, "out?")),
 }
 
 
@@ -92,7 +93,7 @@ def check_call(kernel, **arrays):
     dtype = None
     for name, ndim, role in KERNEL_ARRAYS[kernel]:
         a = arrays[name]
-        if a is None and (role == "out" or role.endswith("?")):
+        if a is None and role.endswith("?"):
             continue
         if role.startswith("labels") or role.startswith("out_labels"):
             _check_array(name, a, ndim, LABEL_DTYPE, role.startswith("out"))
