@@ -841,6 +841,13 @@ def test_read_only_inputs_are_accepted(kernels):
         a.flags.writeable = False
     out = kernels.dense_forward(X, W, b, "identity", np.empty((2, 4)))
     np.testing.assert_array_equal(out, 4.0)
+    # a whole network's inputs too (the compiled mlp_gradients had asked for a
+    # writable params, which it only reads)
+    params, y = _read_only(np.zeros(14)), _read_only(np.array([0, 1]))
+    net = ((3, 2, 2), ("relu",), "cross_entropy", "identity")
+    assert kernels.mlp_gradients(X, y, None, params, *net, np.zeros(8), np.zeros(8),
+                                 np.zeros(14)) == pytest.approx(np.log(2))
+    assert kernels.mlp_forward(X, y, None, params, *net, np.zeros(8), None) == pytest.approx(np.log(2))
 
 
 # ---------------------------------------------------------------------------
@@ -1007,6 +1014,163 @@ def test_bad_input_same_error_on_both_backends(case):
         assert fragment in str(info.value), (kernels.__name__, str(info.value))
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+# One argument of a valid whole-network call changed at a time (byte order,
+# dtype, layout, writability, kind, shape, alignment, values): both backends must
+# agree, on the error (its type and message, nothing written to the parameters or
+# the optimizer state) or on the result. The compiled calls read plain arrays
+# through NumPy's C API and check them in C, the reference in Python: this found
+# byte-swapped and np.longlong arrays read wrongly, memoryviews taken where the
+# reference refuses them, and read-only outputs named late or not at all.
+
+def _misaligned(a):
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.frombuffer(raw.data, np.uint8, a.nbytes, 1).view(a.dtype).reshape(a.shape)
+    m[...] = a
+    return m
+
+
+def _read_only_copy(a):
+    return _read_only(a.copy())
+
+
+ONE_CHANGE = {
+    "byte-swapped": lambda a: a.astype(a.dtype.newbyteorder()),
+    "float32": lambda a: a.astype(np.float32),
+    "float64": lambda a: a.astype(np.float64),
+    "int64": lambda a: a.astype(np.int64),
+    "int32": lambda a: a.astype(np.int32),
+    "longlong": lambda a: a.astype(np.longlong),
+    "uint64": lambda a: a.astype(np.uint64),
+    "bool": lambda a: a.astype(bool),
+    "reversed": lambda a: np.asfortranarray(a) if a.ndim == 2 else a[::-1],
+    "strided": lambda a: np.repeat(a, 2, axis=-1)[..., ::2],
+    "read-only": _read_only_copy,
+    "None": lambda a: None,
+    "list": lambda a: a.tolist(),
+    "memoryview": memoryview,
+    "0-d": lambda a: a.reshape(-1)[:1].reshape(()),
+    "one more": lambda a: np.concatenate([a, a[:1]]),
+    "one fewer": lambda a: a[:-1],
+    "empty": lambda a: a[:0],
+    "misaligned": _misaligned,
+    "NaN": lambda a: np.where(np.arange(a.size).reshape(a.shape) == 0, np.nan, a).astype(a.dtype)
+    if a.dtype.kind == "f" else a,
+    "large": lambda a: a + np.iinfo(a.dtype).max // 2 if a.dtype.kind == "i" else a * 1e30,
+}
+
+
+def _one_change_calls(dtype, loss, option):
+    """{kernel: (arrays, call(kernels, arrays), names of the state it updates)}
+    for the whole-network kernels on one small valid batch (6 rows, 3-4-2 tanh);
+    option: momentum (SGD), amsgrad (Adam), an out array (mlp_forward)."""
+    rng = np.random.default_rng(0)
+    n, sizes, n_params = 6, (3, 4, 2), 3 * 4 + 4 + 4 * 2 + 2
+    net = (sizes, ("tanh",), loss, "identity")
+    data = dict(X=rng.normal(size=(n, 3)).astype(dtype),
+                labels=rng.integers(0, 2, n) if loss == "cross_entropy" else None,
+                targets=rng.normal(size=(n, 2)).astype(dtype) if loss == "mse" else None,
+                params=(rng.normal(size=n_params) * 0.3).astype(dtype))
+    work = lambda rows: dict(A=np.zeros(rows * 6, dtype), D=np.zeros(rows * 6, dtype),
+                             grad=np.zeros(n_params, dtype))
+    batch = dict(order=rng.permutation(n), X_batch=np.zeros((3, 3), dtype),
+                 labels_batch=np.zeros(3, np.int64) if loss == "cross_entropy" else None,
+                 targets_batch=np.zeros((3, 2), dtype) if loss == "mse" else None,
+                 stop=np.zeros(1, np.int8))
+    buf = dict(momentum_buffer=np.zeros(n_params, dtype) if option else None)
+    adam = dict(m=np.zeros(n_params, dtype), v=np.zeros(n_params, dtype),
+                vmax=np.zeros(n_params, dtype) if option else None)
+    mom = 0.9 if option else 0.0
+    first = lambda a: (a["X"], a["labels"], a["targets"])
+    return {
+        "mlp_forward": (dict(data, A=np.zeros(n * 6, dtype),
+                             out=np.zeros((n, 2), dtype) if option else None),
+                        lambda k, a: k.mlp_forward(*first(a), a["params"], *net, a["A"], a["out"]),
+                        ("params",)),
+        "mlp_gradients": (dict(data, **work(n)),
+                          lambda k, a: k.mlp_gradients(*first(a), a["params"], *net, a["A"],
+                                                       a["D"], a["grad"]),
+                          ("params",)),
+        "mlp_sgd_step": (dict(data, **work(n), **buf),
+                         lambda k, a: k.mlp_sgd_step(*first(a), a["params"], *net, a["A"], a["D"],
+                                                     a["grad"], a["momentum_buffer"], 0.1,
+                                                     momentum=mom),
+                         ("params", "momentum_buffer")),
+        "mlp_adam_step": (dict(data, **work(n), **adam),
+                          lambda k, a: k.mlp_adam_step(*first(a), a["params"], *net, a["A"],
+                                                       a["D"], a["grad"], a["m"], a["v"],
+                                                       a["vmax"], 1, 0.01, amsgrad=option),
+                          ("params", "m", "v", "vmax")),
+        "mlp_sgd_epoch": (dict(data, **work(3), **batch, **buf),
+                          lambda k, a: k.mlp_sgd_epoch(*first(a), a["order"], 3, a["params"], *net,
+                                                       a["A"], a["D"], a["grad"], a["X_batch"],
+                                                       a["labels_batch"], a["targets_batch"],
+                                                       a["momentum_buffer"], a["stop"], 0.1,
+                                                       momentum=mom),
+                          ("params", "momentum_buffer")),
+        "mlp_adam_epoch": (dict(data, **work(3), **batch, **adam),
+                           lambda k, a: k.mlp_adam_epoch(*first(a), a["order"], 3, a["params"],
+                                                         *net, a["A"], a["D"], a["grad"],
+                                                         a["X_batch"], a["labels_batch"],
+                                                         a["targets_batch"], a["m"], a["v"],
+                                                         a["vmax"], a["stop"], 1, 0.01,
+                                                         amsgrad=option),
+                           ("params", "m", "v", "vmax")),
+    }
+
+
+def _outcome(kernels, call, arrays, state):
+    """("ok", result, state arrays) or ("error", type and message, names of the
+    state arrays the failed call changed)."""
+    before = {s: arrays[s].copy() for s in state if isinstance(arrays.get(s), np.ndarray)}
+    try:
+        result = call(kernels, arrays)
+    except (TypeError, ValueError, FloatingPointError) as exc:
+        changed = [s for s in before
+                   if not np.array_equal(before[s], arrays[s], equal_nan=True)]
+        return "error", f"{type(exc).__name__}: {exc}", changed
+    return "ok", result, {s: arrays[s] for s in before}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kernel", ["mlp_forward", "mlp_gradients", "mlp_sgd_step",
+                                    "mlp_adam_step", "mlp_sgd_epoch", "mlp_adam_epoch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("option", [False, True])
+def test_one_changed_argument_same_outcome_on_both_backends(kernel, dtype, loss, option):
+    arrays, call, state = _one_change_calls(dtype, loss, option)[kernel]
+    disagreements = []
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        for change, how in ONE_CHANGE.items():
+            outcomes = []
+            for kernels in (reference, _kernels):
+                a = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+                a[name] = how(a[name])
+                outcomes.append(_outcome(kernels, call, a, state))
+            (kind, result, extra), (kkind, kresult, kextra) = outcomes
+            where = f"{name} {change}"
+            if kind != kkind:
+                disagreements.append(f"{where}: reference {kind} {result if kind == 'error' else ''}"
+                                     f" / compiled {kkind} {kresult if kkind == 'error' else ''}")
+            elif kind == "error":
+                if result != kresult or extra or kextra:
+                    disagreements.append(f"{where}: {result!r} (changed {extra}) / {kresult!r} "
+                                         f"(changed {kextra})")
+            else:
+                values = (result, kresult) if isinstance(result, tuple) else ((result,), (kresult,))
+                if values[0][1:] != values[1][1:] or not np.allclose(
+                        np.array(values[0][0], float), np.array(values[1][0], float),
+                        rtol=1e-4, equal_nan=True):
+                    disagreements.append(f"{where}: results {result} / {kresult}")
+                for s in extra:
+                    if not np.allclose(extra[s].astype(float), kextra[s].astype(float), rtol=1e-3,
+                                       atol=1e-5, equal_nan=True):
+                        disagreements.append(f"{where}: {s} differs")
+    assert not disagreements, "\n".join(disagreements)
 
 
 @pytest.mark.parametrize("kernels", BACKENDS)

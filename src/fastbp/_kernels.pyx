@@ -1898,17 +1898,20 @@ cdef inline bint _c_array(object a, int typenum, int ndim, bint writable):
 
 cdef int _net_args_from_arrays(_NetArgs* g, object X, object labels, object targets,
                                object params, object A, object D, object grad,
-                               object buf, bint column_targets=False) except -2:
+                               object buf, bint column_targets=False,
+                               bint params_written=True) except -2:
     """Fill g from plain ndarrays through NumPy's C API (no memoryview objects).
     Returns their NumPy type number, or -1 when they are not all C-contiguous
-    arrays of one float type (labels int64), outputs writable. column_targets:
-    1-D targets stand for one column (a network's (n,) y for one output)."""
+    arrays of one float type (labels int64), outputs writable (params only where
+    params_written: mlp_gradients reads them). column_targets: 1-D targets stand
+    for one column (a network's (n,) y for one output)."""
     if not cnp.PyArray_Check(X):
         return -1
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>X)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
         return -1
-    if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, True) and _c_array(A, t, 1, True)
+    if not (_c_array(X, t, 2, False) and _c_array(params, t, 1, params_written)
+            and _c_array(A, t, 1, True)
             and _c_array(D, t, 1, True) and _c_array(grad, t, 1, True)
             and (labels is None or _c_array(labels, cnp.NPY_INT64, 1, False))
             and (targets is None or _c_array(targets, t, 2, False)
@@ -2044,7 +2047,8 @@ cdef object _gradients_direct(object X, object labels, object targets, object pa
     than a whole training step). None when the arguments are not of that kind, fail
     a check or hold a bad label: the general path then runs (and names the error)."""
     cdef _NetArgs g
-    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None)
+    cdef int t = _net_args_from_arrays(&g, X, labels, targets, params, A, D, grad, None, False,
+                                       False)
     if t < 0:
         return None
     cdef Py_ssize_t c_sizes[MAX_LAYERS + 1]
