@@ -988,6 +988,7 @@ def _bad_calls():
         "adam epoch: memoryview exp_avg": (lambda k: k.mlp_adam_epoch(X, y, None, np.arange(4), 2, np.zeros(14), (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, memoryview(np.zeros(14)), np.zeros(14), None, np.zeros(1, np.int8), 1, 0.1), TypeError, "exp_avg must be a numpy.ndarray"),
         "epoch: params None": (lambda k: k.mlp_sgd_epoch(X, y, None, np.arange(4), 2, None, (3, 2, 2), ("relu",), "cross_entropy", "identity", np.zeros(8), np.zeros(8), np.zeros(14), np.zeros((2, 3)), np.zeros(2, np.int64), None, None, np.zeros(1, np.int8), 0.1), TypeError, "params must be a numpy.ndarray, got NoneType"),
         "sgd: param None": (lambda k: k.sgd_update(None, np.ones(5), None, 0.1), TypeError, "param must be a numpy.ndarray, got NoneType"),
+        "all_finite: None": (lambda k: k.all_finite(None), TypeError, "x must be a numpy.ndarray, got NoneType"),
         "all_finite: byte-swapped": (lambda k: k.all_finite(swapped(np.ones(5))), TypeError, "x has dtype"),
         "forward all: byte-swapped X": (lambda k: k.mlp_forward(swapped(X), None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), np.zeros((4, 2))), TypeError, "X has dtype"),
         "forward all: byte-swapped out": (lambda k: k.mlp_forward(X, None, None, np.zeros(14), (3, 2, 2), ("relu",), "mse", "identity", np.zeros(16), swapped(np.zeros((4, 2)))), TypeError, "out has dtype"),
@@ -1133,14 +1134,8 @@ def _outcome(kernels, call, arrays, state):
     return "ok", result, {s: arrays[s] for s in before}
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("kernel", ["mlp_forward", "mlp_gradients", "mlp_sgd_step",
-                                    "mlp_adam_step", "mlp_sgd_epoch", "mlp_adam_epoch"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-@pytest.mark.parametrize("option", [False, True])
-def test_one_changed_argument_same_outcome_on_both_backends(kernel, dtype, loss, option):
-    arrays, call, state = _one_change_calls(dtype, loss, option)[kernel]
+def _one_change_disagreements(arrays, call, state):
+    """Where the two backends disagree on `call` with one of `arrays` changed."""
     disagreements = []
     for name, value in arrays.items():
         if value is None:
@@ -1161,15 +1156,74 @@ def test_one_changed_argument_same_outcome_on_both_backends(kernel, dtype, loss,
                     disagreements.append(f"{where}: {result!r} (changed {extra}) / {kresult!r} "
                                          f"(changed {kextra})")
             else:
-                values = (result, kresult) if isinstance(result, tuple) else ((result,), (kresult,))
-                if values[0][1:] != values[1][1:] or not np.allclose(
-                        np.array(values[0][0], float), np.array(values[1][0], float),
-                        rtol=1e-4, equal_nan=True):
-                    disagreements.append(f"{where}: results {result} / {kresult}")
+                values = result if isinstance(result, tuple) else (result,)
+                kvalues = kresult if isinstance(kresult, tuple) else (kresult,)
+                for v, kv in zip(values, kvalues):
+                    if (v is None) != (kv is None) or v is not None and not np.allclose(
+                            np.asarray(v, float), np.asarray(kv, float), rtol=1e-4, atol=1e-6,
+                            equal_nan=True):
+                        disagreements.append(f"{where}: results {result} / {kresult}")
                 for s in extra:
                     if not np.allclose(extra[s].astype(float), kextra[s].astype(float), rtol=1e-3,
                                        atol=1e-5, equal_nan=True):
                         disagreements.append(f"{where}: {s} differs")
+    return disagreements
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kernel", ["mlp_forward", "mlp_gradients", "mlp_sgd_step",
+                                    "mlp_adam_step", "mlp_sgd_epoch", "mlp_adam_epoch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("option", [False, True])
+def test_one_changed_argument_same_outcome_on_both_backends(kernel, dtype, loss, option):
+    disagreements = _one_change_disagreements(*_one_change_calls(dtype, loss, option)[kernel])
+    assert not disagreements, "\n".join(disagreements)
+
+
+def _one_change_kernel_calls(dtype):
+    """The same for the single kernels: {kernel: (arrays, call, state names)}."""
+    rng = np.random.default_rng(1)
+    X, W, b = (rng.normal(size=s).astype(dtype) for s in ((5, 3), (4, 3), 4))
+    Z, P = rng.normal(size=(5, 4)).astype(dtype), rng.uniform(0.1, 0.9, (5, 4)).astype(dtype)
+    p, g = rng.normal(size=7).astype(dtype), rng.normal(size=7).astype(dtype)
+    out = lambda *shape: np.zeros(shape, dtype)
+    return {
+        "dense_forward": (dict(X=X, W=W, b=b, out=out(5, 4)),
+                          lambda k, a: k.dense_forward(a["X"], a["W"], a["b"], "relu", a["out"]),
+                          ()),
+        "activation_backward": (dict(A=P, dA=Z, out=out(5, 4)),
+                                lambda k, a: k.activation_backward(a["A"], a["dA"], "sigmoid",
+                                                                   a["out"]), ()),
+        "dense_backward": (dict(dZ=Z, X=X, W=W, dW=out(4, 3), db=out(4), dX=out(5, 3)),
+                           lambda k, a: k.dense_backward(a["dZ"], a["X"], a["W"], a["dW"],
+                                                         a["db"], a["dX"]), ()),
+        "softmax": (dict(Z=Z, out=out(5, 4)), lambda k, a: k.softmax(a["Z"], a["out"]), ()),
+        "softmax_cross_entropy": (dict(Z=Z, y=rng.integers(0, 4, 5), dZ=out(5, 4)),
+                                  lambda k, a: k.softmax_cross_entropy(a["Z"], a["y"], a["dZ"]),
+                                  ()),
+        "mean_squared_error": (dict(A=P, Y=Z, dZ=out(5, 4)),
+                               lambda k, a: k.mean_squared_error(a["A"], a["Y"], "sigmoid",
+                                                                 a["dZ"]), ()),
+        "binary_cross_entropy_with_logits": (
+            dict(Z=Z, Y=P, dZ=out(5, 4)),
+            lambda k, a: k.binary_cross_entropy_with_logits(a["Z"], a["Y"], a["dZ"]), ()),
+        "sgd_update": (dict(param=p, grad=g, buf=out(7)),
+                       lambda k, a: k.sgd_update(a["param"], a["grad"], a["buf"], 0.1,
+                                                 momentum=0.9), ("param", "buf")),
+        "adam_update": (dict(param=p, grad=g, m=out(7), v=out(7), vmax=out(7)),
+                        lambda k, a: k.adam_update(a["param"], a["grad"], a["m"], a["v"],
+                                                   a["vmax"], 1, 0.01, amsgrad=True),
+                        ("param", "m", "v", "vmax")),
+        "all_finite": (dict(x=p), lambda k, a: k.all_finite(a["x"]), ()),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kernel", sorted(_one_change_kernel_calls(np.float64)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_changed_argument_of_a_kernel_same_outcome_on_both_backends(kernel, dtype):
+    disagreements = _one_change_disagreements(*_one_change_kernel_calls(dtype)[kernel])
     assert not disagreements, "\n".join(disagreements)
 
 

@@ -1323,7 +1323,7 @@ def all_finite(x):
                 else:
                     ok = _all_finite_loop(<const double*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0))
         return ok
-    if not _nd(x):
+    if x is None or not _nd(x):  # (a typed memoryview takes None)
         check_call("all_finite", x=x)
     try:
         return _all_finite(x)
