@@ -67,9 +67,12 @@ def test_diverging_compiled_epoch_raises_with_the_network_whole():
     X, y = blobs()
     net = fastbp.MLP([5, 3], loss="mse", dtype=np.float32, seed=0)
     opt = fastbp.SGD(net.params, lr=1e30)
-    with pytest.raises(FloatingPointError, match="not applied"):
+    with pytest.raises(FloatingPointError, match="not applied") as info:
         net.fit(X, np.full((240, 3), 1e3), epochs=3, optimizer=opt)
     assert np.isfinite(net.params).all() and opt.step_count >= 1
+    # the message counts the good steps of the epoch ("1 good step", "2 good steps")
+    count = int(str(info.value).split("(after ")[1].split(" ")[0])
+    assert f"after {count} good step{'' if count == 1 else 's'} this epoch" in str(info.value)
 
 
 def test_every_sample_once_per_epoch_and_last_batch_smaller():

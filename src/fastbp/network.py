@@ -590,7 +590,8 @@ class MLP:
         o.step_count += steps
         if status == 1:
             raise FloatingPointError("a batch's loss or gradient is not finite; it was not applied "
-                                     f"(after {steps} good steps this epoch; lower the learning rate?)")
+                                     f"(after {steps} good step{'' if steps == 1 else 's'} this "
+                                     "epoch; lower the learning rate?)")
         return total, min(steps * batch_size, n)
 
     # -- evaluation ---------------------------------------------------------
