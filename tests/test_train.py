@@ -303,6 +303,11 @@ def test_from_arrays_starts_from_the_given_weights():
     np.testing.assert_allclose(net.forward(X), np.tanh(X @ weights[0].T + biases[0]) @ weights[1].T + biases[1])
     single = fastbp.MLP.from_arrays([w.astype(np.float32) for w in weights], biases)
     assert single.dtype == np.float32
+    # float64 weights in the other byte order (a file written on another machine)
+    # are float64: they had made a float32 network
+    swapped = [w.astype(w.dtype.newbyteorder()) for w in weights]
+    assert fastbp.MLP.from_arrays(swapped, biases).dtype == np.float64
+    np.testing.assert_array_equal(fastbp.MLP.from_arrays(swapped, biases).params, net.params)
     with pytest.raises(ValueError, match="layer 1 takes 5 inputs"):
         fastbp.MLP.from_arrays([weights[0], rng.normal(size=(2, 5))], biases)
     with pytest.raises(ValueError, match="bias of shape"):

@@ -174,8 +174,9 @@ class MLP:
                                  f"{weights[l - 1].shape[0]} outputs")
             if not (np.isfinite(W).all() and np.isfinite(b).all()):
                 raise ValueError(f"layer {l} holds NaN or infinite values")
-        if dtype is None:
-            dtype = weights[0].dtype if weights[0].dtype in (np.float32, np.float64) else np.float32
+        if dtype is None:  # (float64 in either byte order is float64)
+            first = weights[0].dtype.newbyteorder("=")
+            dtype = first if first in (np.float32, np.float64) else np.float32
         sizes = [weights[0].shape[1]] + [W.shape[0] for W in weights]
         layers = iter(zip(weights, biases))
         net = cls(sizes, activation, loss, output=output, dtype=dtype, seed=seed, backend=backend,
