@@ -1323,7 +1323,7 @@ def all_finite(x):
                 else:
                     ok = _all_finite_loop(<const double*>cnp.PyArray_DATA(a), cnp.PyArray_DIM(a, 0))
         return ok
-    if x is None or not _nd(x):  # (a typed memoryview takes None)
+    if not cnp.PyArray_Check(x):  # (its typed memoryview would take None or a buffer)
         check_call("all_finite", x=x)
     try:
         return _all_finite(x)
@@ -2127,27 +2127,6 @@ cdef inline double _sum_squares(bint f32, const char* a, const char* b, Py_ssize
     return fbp_sum_squares_f64(<const double*>a, <const double*>b, size, sub)
 
 
-cdef object _sums_direct(object params, object before, object grad, object A, Py_ssize_t n,
-                         tuple sizes, tuple activations, bint moved,
-                         double saturation_fraction):
-    """`_layer_sums` on plain ndarrays read through NumPy's C API (a memoryview each
-    cost about 3 us a call, which fit pays every epoch), or None when they are not
-    all C-contiguous arrays of one float type."""
-    if not cnp.PyArray_Check(params):
-        return None
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>params)
-    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64 or not _c_array(params, t, 1, False)
-            or not _c_array(before, t, 1, False) or not _c_array(grad, t, 1, False)
-            or not _c_array(A, t, 1, False)):
-        return None
-    return _sums_on(t, cnp.PyArray_DATA(<cnp.ndarray>params),
-                    cnp.PyArray_DATA(<cnp.ndarray>before), cnp.PyArray_DATA(<cnp.ndarray>grad),
-                    cnp.PyArray_DATA(<cnp.ndarray>A), cnp.PyArray_DIM(<cnp.ndarray>params, 0),
-                    cnp.PyArray_DIM(<cnp.ndarray>before, 0), cnp.PyArray_DIM(<cnp.ndarray>grad, 0),
-                    cnp.PyArray_DIM(<cnp.ndarray>A, 0), n, sizes, activations, moved,
-                    saturation_fraction)
-
-
 cdef object _sums_on(int t, const void* params, const void* before, const void* grad,
                      const void* A, Py_ssize_t params_len, Py_ssize_t before_len,
                      Py_ssize_t grad_len, Py_ssize_t A_len, Py_ssize_t n, tuple sizes,
@@ -2219,13 +2198,21 @@ def _layer_sums(params, before, grad, A, Py_ssize_t n, tuple sizes, tuple activa
     count of saturated activations (sigmoid, tanh) and of dead units (relu; the
     activation is 0 or less on all n rows). A holds the activations of n rows in
     `mlp_gradients`' layout; activations[l] names hidden layer l's activation.
-    params, before, grad and A are C-contiguous 1-D arrays of one float type."""
-    out = _sums_direct(params, before, grad, A, n, sizes, activations, moved,
-                       saturation_fraction)
-    if out is None:
+    params, before, grad and A are C-contiguous 1-D arrays of one float type, read
+    through NumPy's C API (a memoryview each cost about 3 us a call, which fit pays
+    every epoch)."""
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>params) if cnp.PyArray_Check(params) else -1
+    if not ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and _c_array(params, t, 1, False)
+            and _c_array(before, t, 1, False) and _c_array(grad, t, 1, False)
+            and _c_array(A, t, 1, False)):
         raise TypeError("params, before, grad and A must be C-contiguous 1-D arrays of one "
                         "float type (float32 or float64)")
-    return out
+    return _sums_on(t, cnp.PyArray_DATA(<cnp.ndarray>params),
+                    cnp.PyArray_DATA(<cnp.ndarray>before), cnp.PyArray_DATA(<cnp.ndarray>grad),
+                    cnp.PyArray_DATA(<cnp.ndarray>A), cnp.PyArray_DIM(<cnp.ndarray>params, 0),
+                    cnp.PyArray_DIM(<cnp.ndarray>before, 0), cnp.PyArray_DIM(<cnp.ndarray>grad, 0),
+                    cnp.PyArray_DIM(<cnp.ndarray>A, 0), n, sizes, activations, moved,
+                    saturation_fraction)
 
 
 # ---------------------------------------------------------------------------
