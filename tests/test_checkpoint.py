@@ -306,7 +306,47 @@ BAD_HEADERS = {
     "unknown schedule entry": (edit(lambda h: h.update(schedule={
         "type": "StepLR", "attributes": {"step_size": 2, "gamma": 0.5, "__class__": 1}})),
         "unknown entries"),
+    # a JSON list or object where a name goes (it had raised TypeError: unhashable)
+    "optimizer type a list": (edit(lambda h: h["optimizer"].update(type=["SGD"])),
+                              "optimizer type"),
+    "array name an object": (edit(lambda h: h["arrays"][0].update(name={"params": 1})),
+                             "unexpected array"),
+    # beyond what the compiled Adam steps take (a C long): the backends disagreed
+    "step count past 2**53": (edit(lambda h: h["optimizer"].update(step_count=2**63)),
+                              "step_count"),
+    # a schedule's state that fit could only fail on later (TypeError, ValueError)
+    "plateau without a best": (edit(lambda h: h.update(schedule=plateau(best=None))),
+                               "schedule's state"),
+    "plateau with a NaN best": (edit(lambda h: h.update(schedule=plateau(best=float("nan")))),
+                                "schedule's state"),
+    "plateau with a negative rate": (edit(lambda h: h.update(schedule=plateau(lr=-1.0))),
+                                     "schedule's state"),
+    "plateau counting half epochs": (edit(lambda h: h.update(schedule=plateau(bad_epochs=1.5))),
+                                     "schedule's state"),
+    "negative base rate": (edit(lambda h: h.update(schedule={
+        "type": "StepLR", "attributes": {"step_size": 2, "gamma": 0.5, "base_lr": -0.1}})),
+        "schedule's state"),
 }
+
+
+def plateau(**state):
+    """A saved ReduceLROnPlateau's header entry, its state changed by `state`."""
+    attributes = {"factor": 0.5, "patience": 1, "threshold": 1e-4, "min_lr": 0.0,
+                  "best": 0.25, "bad_epochs": 1, "lr": 0.01, "base_lr": 0.02}
+    attributes.update(state)
+    return {"type": "ReduceLROnPlateau", "attributes": attributes}
+
+
+def test_a_saved_plateau_state_loads_back(tmp_path):
+    """The state `plateau` writes is a valid one: the cases above fail on one change."""
+    net, opt = trained("relu ce float32", "sgd")
+    path = tmp_path / "plateau.fbp"
+    fastbp.save(path, net, opt)
+    header, data = split(path.read_bytes())
+    header["schedule"] = plateau()
+    path.write_bytes(rebuild(header, data))
+    schedule = fastbp.load(path).schedule
+    assert (schedule.best, schedule.bad_epochs, schedule.lr, schedule.base_lr) == (0.25, 1, 0.01, 0.02)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_HEADERS))

@@ -52,6 +52,7 @@ MAX_HEADER_SIZE = 16 * 2**20
 # Limits that keep a hostile header from asking for absurd work or memory.
 _MAX_WIDTH = 2**31 - 1
 _MAX_METADATA_DEPTH = 32
+_MAX_STEPS = 2**53
 
 _OPTIMIZERS = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
 _SCHEDULES = {c.__name__: c for c in (optim.StepLR, optim.ExponentialLR, optim.CosineAnnealingLR,
@@ -361,9 +362,12 @@ def load(path, *, backend=None):
     expected = {"params": (n_params,)}
     if optspec is not None:
         _keys(optspec, path, "optimizer", ("type", "config", "step_count", "state_arrays"))
-        _expect(optspec["type"] in _OPTIMIZERS, path, f"unknown optimizer type {optspec['type']!r}")
-        _expect(_is_int(optspec["step_count"]) and optspec["step_count"] >= 0, path,
-                "optimizer step_count is not an integer >= 0")
+        _expect(isinstance(optspec["type"], str) and optspec["type"] in _OPTIMIZERS, path,
+                f"unknown optimizer type {optspec['type']!r}")
+        # (the compiled steps take Adam's step number as a C long; 2**53 steps is
+        # beyond any training run, and every count up to it is exact in a float64)
+        _expect(_is_int(optspec["step_count"]) and 0 <= optspec["step_count"] <= _MAX_STEPS, path,
+                "optimizer step_count is not an integer from 0 to 2**53")
         _expect(isinstance(optspec["config"], dict), path, "optimizer config is not an object")
         names = optspec["state_arrays"]
         known = _OPTIMIZERS[optspec["type"]]._state_arrays
@@ -379,7 +383,8 @@ def load(path, *, backend=None):
     for spec in specs:
         _keys(spec, path, "an array entry", ("name", "dtype", "shape", "offset", "nbytes"))
         name = spec["name"]
-        _expect(name in expected and name not in arrays, path, f"unexpected array {name!r}")
+        _expect(isinstance(name, str) and name in expected and name not in arrays, path,
+                f"unexpected array {name!r}")
         _expect(spec["dtype"] == dtype, path, f"array {name!r} has dtype {spec['dtype']!r}, not {dtype!r}")
         _expect(spec["shape"] == list(expected[name]), path,
                 f"array {name!r} has shape {spec['shape']}, not {list(expected[name])}")
@@ -485,4 +490,8 @@ def _build_schedule(spec, path):
             f"schedule has unknown entries {', '.join(map(repr, set(attrs) - set(state) - {'base_lr'}))}")
     for k, v in attrs.items():
         setattr(schedule, k, v)
+    try:
+        schedule._check_state()
+    except (TypeError, ValueError) as exc:
+        raise _bad(path, f"its schedule's state is invalid ({exc})") from None
     return schedule

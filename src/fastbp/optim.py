@@ -324,6 +324,12 @@ class Schedule:
     def lr_at(self, epoch):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_state(self):
+        """Raise ValueError (or TypeError) unless the state, as a checkpoint restores
+        it, is one the schedule can reach: its base rate None or a valid rate."""
+        if self.base_lr is not None:
+            _check_hyper("base_lr", self.base_lr)
+
 
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -414,6 +420,17 @@ class ReduceLROnPlateau(Schedule):
         if self.lr is None:
             self.base_lr = self.lr = optimizer.lr
         optimizer.lr = self.lr
+
+    def _check_state(self):
+        super()._check_state()
+        if self.lr is not None:
+            _check_hyper("lr", self.lr)
+        if (isinstance(self.best, bool) or not isinstance(self.best, numbers.Real)
+                or not (math.isfinite(self.best) or self.best == math.inf)):
+            raise ValueError(f"best must be a finite number or inf, got {self.best!r}")
+        if (isinstance(self.bad_epochs, bool) or not isinstance(self.bad_epochs, numbers.Integral)
+                or self.bad_epochs < 0):
+            raise ValueError(f"bad_epochs must be an integer >= 0, got {self.bad_epochs!r}")
 
     def end_epoch(self, metric):
         if metric < self.best * (1 - self.threshold):
