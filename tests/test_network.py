@@ -119,6 +119,11 @@ def test_callable_initialiser():
     np.testing.assert_array_equal(net.biases[0], [0, 1, 2])
     with pytest.raises(ValueError, match="expected"):
         fastbp.MLP([2, 3], init=lambda i, o, rng: (np.zeros((i, o)), np.zeros(o)))
+    # finite in float64 but not in float32: refused, not a network of infinities
+    huge = lambda i, o, rng: (np.zeros((o, i)), np.full(o, 1e39))
+    with pytest.raises(ValueError, match="too large for float32"):
+        fastbp.MLP([2, 3], init=huge)
+    assert fastbp.MLP([2, 3], init=huge, dtype=np.float64).biases[0][0] == 1e39
 
 
 # ---------------------------------------------------------------------------

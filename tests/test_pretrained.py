@@ -93,6 +93,19 @@ def test_from_a_state_dict_needs_the_activations_and_no_torch(monkeypatch):
                                rtol=1e-12, atol=1e-12)
 
 
+def test_a_bfloat16_state_dict_loads_as_float32():
+    """NumPy has no bfloat16 (the tensors' .numpy() raised TypeError); float32 holds
+    every bfloat16 exactly."""
+    torch = pytest.importorskip("torch")
+    model = torch_model(torch, ["Tanh", None], torch.float32).to(torch.bfloat16)
+    net = fastbp.MLP.from_torch(model.state_dict(), activation="tanh")
+    assert net.dtype == np.float32
+    for W, (name, t) in zip(net.weights, [(k, v) for k, v in model.state_dict().items()
+                                          if k.endswith("weight")]):
+        np.testing.assert_array_equal(W, t.float().numpy())
+    assert fastbp.MLP.from_torch(model).dtype == np.float32
+
+
 def test_unsupported_torch_models_are_refused():
     torch = pytest.importorskip("torch")
     nn = torch.nn

@@ -314,6 +314,12 @@ def test_from_arrays_starts_from_the_given_weights():
         fastbp.MLP.from_arrays(weights, [biases[0], np.zeros(3)])
     with pytest.raises(ValueError, match="NaN"):
         fastbp.MLP.from_arrays([np.full((4, 3), np.nan), weights[1]], biases)
+    # finite float64 weights beyond float32's range had made a float32 network of
+    # infinities; a float64 network holds them
+    huge = [weights[0], np.full((2, 4), 1e300)]
+    with pytest.raises(ValueError, match="layer 1's weights or biases hold values too large for float32"):
+        fastbp.MLP.from_arrays(huge, biases, dtype=np.float32)
+    assert fastbp.MLP.from_arrays(huge, biases).weights[1][0, 0] == 1e300
     # fine-tuning with a new optimizer
     history = net.fit(X, rng.normal(size=(5, 2)), epochs=3, optimizer=fastbp.Adam(net.params))
     assert len(history) == 3
@@ -335,6 +341,25 @@ def test_random_restarts_continue_from_the_best_trial():
              trial_epochs=2, validation_fraction=0.25)
     np.testing.assert_array_equal(net.params, twin.params)
     assert history.trials[best]["history"].val_loss[-1] == min(losses)
+
+
+def test_a_restart_whose_initialisation_is_refused_leaves_the_network_as_it_was():
+    X, y = blobs()
+    calls = []
+
+    def grows(n_in, n_out, rng):  # fit for float32 on the network's own draw only
+        calls.append(n_in)
+        scale = 1.0 if len(calls) <= 2 else 1e300
+        return rng.normal(size=(n_out, n_in)) * scale, np.zeros(n_out)
+
+    net = fastbp.MLP([5, 4, 3], init=grows, seed=3)
+    opt = fastbp.SGD(net.params, lr=0.05)
+    net.fit(X, y, epochs=1, optimizer=opt, progress=False)
+    before, epoch, rng = net.params.copy(), net.epoch_, net._rng.bit_generator.state
+    with pytest.raises(ValueError, match="layer 0's weights or biases hold values too large"):
+        net.fit(X, y, epochs=4, optimizer=opt, n_init=3, trial_epochs=2, progress=False)
+    np.testing.assert_array_equal(net.params, before)
+    assert net.epoch_ == epoch and net._rng.bit_generator.state == rng
 
 
 @pytest.mark.parametrize("kwargs, exc_type, message", [

@@ -129,9 +129,7 @@ class MLP:
         # One flat buffer; each W and b is a view into it (DESIGN.md, contract 7).
         self.params = aligned_empty(self.n_params, self.dtype)
         self.weights, self.biases = self._layer_views(self.params)
-        for (W0, b0), W, b in zip(initial_parameters(init, sizes, self._rng), self.weights, self.biases):
-            W[...] = W0
-            b[...] = b0
+        self._set_initial(initial_parameters(init, sizes, self._rng))
         self._grad = aligned_empty(self.n_params, self.dtype)
         # Layer activations during training: logits for the two classification losses.
         self._train_activations = activations + (output or "identity",)
@@ -246,6 +244,18 @@ class MLP:
     @property
     def n_params(self):
         return sum((n_in + 1) * n_out for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def _set_initial(self, layers):
+        """The weights and biases from float64 (W, b) pairs, one per layer; ValueError
+        where a value is too large for the network's dtype (float64 weights of 1e300
+        had made a float32 network of infinities)."""
+        with np.errstate(over="ignore"):
+            for l, ((W0, b0), W, b) in enumerate(zip(layers, self.weights, self.biases)):
+                W[...] = W0
+                b[...] = b0
+                if not (np.isfinite(W).all() and np.isfinite(b).all()):
+                    raise ValueError(f"layer {l}'s weights or biases hold values too large for "
+                                     f"{self.dtype.name} (beyond {np.finfo(self.dtype).max:.3g})")
 
     def _layer_views(self, flat):
         """Views (W list, b list) into a flat array with the parameter layout."""
@@ -739,6 +749,7 @@ class MLP:
 
     def _run_trials(self, X, y, optimizer, n_init, trial_epochs, run):
         """Train n_init candidates briefly; leave the network and optimizer at the best."""
+        start_rng = self._rng.bit_generator.state
         seeds = self._rng.integers(0, 2**63, size=n_init - 1)
         start_params, start_epoch = self.params.copy(), self.epoch_
         trial_run = dict(run, early_stopping=None, schedule=None, callbacks=(), progress=False,
@@ -747,10 +758,14 @@ class MLP:
         for trial in range(n_init):
             if trial > 0:
                 rng = np.random.default_rng(seeds[trial - 1])
-                for (W0, b0), W, b in zip(initial_parameters(self._init, self.sizes, rng),
-                                          self.weights, self.biases):
-                    W[...] = W0
-                    b[...] = b0
+                try:
+                    self._set_initial(initial_parameters(self._init, self.sizes, rng))
+                except (TypeError, ValueError):
+                    # (an init callable's refused draw: the network as fit found it)
+                    self.params[...] = start_params
+                    self.epoch_ = start_epoch
+                    self._rng.bit_generator.state = start_rng
+                    raise
             else:
                 self.params[...] = start_params
             self.epoch_ = start_epoch

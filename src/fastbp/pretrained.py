@@ -25,7 +25,10 @@ def _import_torch(what):
 def _as_array(t, name):
     """A tensor (detached, on the CPU) or array as a NumPy array."""
     if hasattr(t, "detach"):
-        t = t.detach().cpu().numpy()
+        t = t.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":  # (NumPy has no bfloat16; float32 holds it exactly)
+            t = t.float()
+        t = t.numpy()
     a = np.asarray(t)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} holds {a.dtype}; expected numbers")
