@@ -397,6 +397,19 @@ def test_bad_save_arguments_write_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_save_names_a_path_it_cannot_write(tmp_path):
+    # (a directory had given 'Device or resource busy' or 'Is a directory' from the
+    # rename; a missing directory was reported under the temporary file's name)
+    net = fastbp.MLP([3, 2], seed=0)
+    with pytest.raises(IsADirectoryError) as info:
+        fastbp.save(tmp_path, net)
+    assert info.value.filename == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No such directory") as info:
+        fastbp.save(tmp_path / "no" / "x.fbp", net)
+    assert info.value.filename == str(tmp_path / "no" / "x.fbp")
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_keeps_permissions_and_leaves_no_temporary_file(tmp_path):
     net, opt = trained("relu ce float32", "sgd")
     path = tmp_path / "x.fbp"

@@ -97,6 +97,35 @@ def test_bad_option_is_a_usage_error(capsys, option):
     assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_a_path_that_cannot_be_written_is_a_usage_error_before_training(tmp_path, capsys):
+    # (found after training had run: a traceback, the run lost)
+    cases = [("--save", str(tmp_path / "no" / "ck.fbp"), "does not exist"),
+             ("--save", str(tmp_path), "is a directory"),
+             ("--plot", str(tmp_path / "no" / "curves.png"), "does not exist")]
+    for option, path, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--dataset", "spirals", "--epochs", "1", option, path])
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and f"{option} {path}: " in err and message in err
+        assert "test accuracy" not in out and "MLP" not in out  # nothing was trained
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--dataset", "spirals", "--resume", str(tmp_path / "missing.fbp")])
+    assert info.value.code == 2 and "missing.fbp: No such file" in capsys.readouterr().err
+
+
+def test_a_diverging_run_ends_with_a_message_not_a_traceback():
+    result = run("train", "--dataset", "spirals", "--lr", "1e30", "--epochs", "2", "--quiet")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("python -m fastbp: error: ") and "not finite" in result.stderr
+
+
+def test_a_negative_seed_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--seed", "-1"])
+    assert info.value.code == 2 and "--seed: expected an integer >= 0" in capsys.readouterr().err
+
+
 def test_bad_learning_rate_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--dataset", "spirals", "--lr", "-1", "--epochs", "1"])

@@ -26,6 +26,7 @@ moment leaves the previous checkpoint whole (and at worst a stray
 ``.<name>.tmp-*`` file). An existing file's permission bits are kept.
 """
 
+import errno
 import hashlib
 import inspect
 import json
@@ -205,6 +206,12 @@ def save(path, net, optimizer=None, *, schedule=None, metadata=None):
 
 def _atomic_write(path, chunks):
     directory = os.path.dirname(os.path.abspath(path))
+    # (named here: the rename over a directory said 'Device or resource busy', and
+    # a missing directory was reported under the temporary file's name)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (save takes a file name)", path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"No such directory {directory!r}", path)
     try:
         mode = os.stat(path).st_mode & 0o7777
     except FileNotFoundError:

@@ -1,6 +1,7 @@
 """Command line: ``python -m fastbp train | vanishing | bench``."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -46,7 +47,23 @@ def _optimizer(args, params):
     return (Adam if args.optimizer == "adam" else AdamW)(params, lr=args.lr)
 
 
+def _check_output(option, path):
+    """ValueError (a usage error) before any training when `path` cannot be written:
+    a directory, or in a directory that does not exist."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{option} {path}: the directory {directory} does not exist")
+
+
 def _train(args):
+    # what can fail after training is checked before it
+    if args.save:
+        _check_output("--save", args.save)
+    if args.plot:
+        _check_output("--plot", args.plot)
+        _import_matplotlib()
     if args.threads is not None:
         set_num_threads(args.threads)
     X_train, X_test, y_train, y_test = _dataset(args.dataset, args.seed)
@@ -86,11 +103,16 @@ def _train(args):
     return 0
 
 
-def _plot(history, net, path):
+def _import_matplotlib():
     try:
         import matplotlib
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install matplotlib (or fastbp[plot])") from None
+    return matplotlib
+
+
+def _plot(history, net, path):
+    matplotlib = _import_matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -148,6 +170,13 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastbp",
@@ -169,7 +198,7 @@ def build_parser():
     train.add_argument("--momentum", type=float, default=0.9, help="for sgd")
     train.add_argument("--epochs", type=_positive_int, default=30)
     train.add_argument("--batch-size", type=_positive_int, default=32)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     train.add_argument("--backend", choices=BACKENDS, default="cython")
     train.add_argument("--plot", metavar="PNG", help="write loss and gradient-norm curves (needs matplotlib)")
@@ -190,7 +219,7 @@ def build_parser():
     vanishing.add_argument("--steps", type=_positive_int, default=10)
     vanishing.add_argument("--samples", type=_positive_int, default=256)
     vanishing.add_argument("--lr", type=float, default=0.1)
-    vanishing.add_argument("--seed", type=int, default=0)
+    vanishing.add_argument("--seed", type=_seed, default=0)
     vanishing.set_defaults(func=_vanishing)
 
     bench = commands.add_parser(
@@ -223,3 +252,8 @@ def main(argv=None):
         return args.func(args)
     except (ValueError, TypeError, ImportError) as exc:
         parser.error(str(exc))
+    except OSError as exc:  # a path given that cannot be read or written
+        parser.error(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror
+                     else str(exc))
+    except FloatingPointError as exc:  # training diverged: not a usage error
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
