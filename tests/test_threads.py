@@ -27,7 +27,7 @@ def test_set_and_get(thread_control):
         assert fastbp.get_num_threads() == n
 
 
-@pytest.mark.parametrize("n", [0, -1, 1.5, "2", True, None])
+@pytest.mark.parametrize("n", [0, -1, 1.5, "2", True, None, 2**31, 10**20])
 def test_bad_counts_change_nothing(thread_control, n):
     before = fastbp.get_num_threads()
     with pytest.raises(ValueError, match="positive integer"):

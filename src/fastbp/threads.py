@@ -83,8 +83,10 @@ def _symbol(lib, names):
 
 
 def _check_n(n):
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"the number of threads must be a positive integer, got {n!r}")
+    # (the libraries take a C int: 10**20 had raised ctypes' ArgumentError)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 2**31 - 1:
+        raise ValueError(f"the number of threads must be a positive integer (below 2**31), "
+                         f"got {n!r}")
     return int(n)
 
 
