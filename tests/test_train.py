@@ -256,6 +256,27 @@ def test_schedules(schedule, expected):
     np.testing.assert_allclose(history.lr, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_schedules_that_overflow_name_the_schedule_and_epoch():
+    # (InverseScaling(1e30) had raised OverflowError '(34, Numerical result out of
+    # range)' from fit; CosineAnnealingLR(eta_min=1e308) an 'invalid lr -inf')
+    opt = fastbp.SGD(np.zeros(1), lr=0.1)
+    inverse = fastbp.InverseScaling(1e30)
+    rates = []
+    for epoch in range(3):
+        inverse.start_epoch(opt, epoch)
+        rates.append(opt.lr)
+    assert rates == [0.1, 0.0, 0.0]  # 0.1 / 2**1e30
+    cosine = fastbp.CosineAnnealingLR(4, eta_min=1e308)
+    cosine.start_epoch(opt, 1)
+    assert opt.lr == 1e308 + (0.1 - 1e308) * ((1 + np.cos(np.pi / 4)) / 2)
+    for schedule, epoch in ((fastbp.ExponentialLR(1e200), 2), (fastbp.StepLR(1, gamma=1e300), 2)):
+        opt.lr = 0.1
+        with pytest.raises(ValueError, match=f"{type(schedule).__name__} gives the learning rate inf "
+                                             f"for epoch {epoch}"):
+            schedule.start_epoch(opt, epoch)
+        assert opt.lr == 0.1
+
+
 def test_schedules_match_torch():
     torch = pytest.importorskip("torch")
     pairs = [

@@ -316,7 +316,14 @@ class Schedule:
         """Set the learning rate for `epoch` (0-based, counted across fit calls)."""
         if self.base_lr is None:
             self.base_lr = optimizer.lr
-        optimizer.lr = self.lr_at(epoch)
+        try:
+            lr = self.lr_at(epoch)
+        except OverflowError:  # (Python's float power: gamma ** epoch past 1.8e308)
+            lr = math.inf
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"{type(self).__name__} gives the learning rate {lr!r} for epoch "
+                             f"{epoch}; a rate is a finite number >= 0")
+        optimizer.lr = lr
 
     def end_epoch(self, metric):
         """Told the monitored value after each epoch (used by ReduceLROnPlateau)."""
@@ -368,7 +375,10 @@ class CosineAnnealingLR(Schedule):
         self.eta_min = _check_hyper("eta_min", eta_min)
 
     def lr_at(self, epoch):
-        return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+        # (halved before the product: the same bits, and (base_lr - eta_min) * 2 cannot
+        # overflow: eta_min=1e308 had given an infinite rate)
+        half = (1 + math.cos(math.pi * epoch / self.T_max)) / 2
+        return self.eta_min + (self.base_lr - self.eta_min) * half
 
 
 class LinearWarmup(Schedule):
@@ -393,7 +403,10 @@ class InverseScaling(Schedule):
         self.power_t = _check_hyper("power_t", power_t)
 
     def lr_at(self, epoch):
-        return self.base_lr / (epoch + 1) ** self.power_t
+        try:
+            return self.base_lr / (epoch + 1) ** self.power_t
+        except OverflowError:  # a denominator past 1.8e308: the rate is 0
+            return 0.0
 
 
 class ReduceLROnPlateau(Schedule):
