@@ -67,6 +67,8 @@ def test_train_test_split_stratified():
         datasets.train_test_split(X, y, 1.5)
     with pytest.raises(ValueError, match="samples"):
         datasets.train_test_split(X, y[:5])
+    with pytest.raises(ValueError, match="y must be an array of samples, got None"):
+        datasets.train_test_split(X, None)  # (had raised IndexError)
 
 
 def test_standardize():
@@ -75,6 +77,14 @@ def test_standardize():
     np.testing.assert_array_equal(Z, [[-1, 0], [1, 0]])
     Z2, _, _ = datasets.standardize(np.array([[5.0, 6.0]]), mean, std)
     np.testing.assert_array_equal(Z2, [[3, 1]])
+    # refused, where they had given NaN or infinities (and RuntimeWarnings)
+    for bad, message in ((np.array([[np.nan, 1.0], [2.0, 3.0]]), "NaN"),
+                         (np.zeros((0, 2)), "no samples"),
+                         (np.array([[1e308, -1e308], [1e308, 1e308]]), "finite")):
+        with pytest.raises(ValueError, match=message):
+            datasets.standardize(bad)
+    with pytest.raises(ValueError, match="std positive"):
+        datasets.standardize(X, mean, np.array([1.0, 0.0]))
 
 
 def test_load_digits():

@@ -77,6 +77,9 @@ def train_test_split(X, y, test_size=0.25, *, stratify=False, seed=None):
     X_train, X_test, y_train, y_test
     """
     X, y = np.asarray(X), np.asarray(y)
+    for name, a in (("X", X), ("y", y)):
+        if a.ndim == 0:  # (y=None had raised IndexError)
+            raise ValueError(f"{name} must be an array of samples, got {a.item()!r}")
     n = X.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"X has {n} samples but y has {y.shape[0]}")
@@ -120,9 +123,24 @@ def standardize(X, mean=None, std=None):
     X_standardized, mean, std
     """
     X = np.asarray(X, dtype=np.float64)
-    if mean is None:
-        mean = X.mean(axis=0)
-    if std is None:
-        std = X.std(axis=0)
-        std = np.where(std > 0, std, 1.0)
-    return (X - mean) / std, mean, std
+    # (NaN had spread over its whole feature, no rows gave NaN statistics with a
+    # RuntimeWarning, a std of 0 given gave infinities)
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinity")
+    if (mean is None or std is None) and X.shape[0] == 0:
+        raise ValueError("X has no samples to take the mean and std from")
+    with np.errstate(over="ignore", invalid="ignore"):
+        if mean is None:
+            mean = X.mean(axis=0)
+        if std is None:
+            std = X.std(axis=0)
+            std = np.where(std > 0, std, 1.0)
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise ValueError("mean and std must be finite and std positive (values of X near "
+                         "1e308 overflow them)")
+    with np.errstate(over="ignore"):
+        Z = (X - mean) / std
+    if not np.isfinite(Z).all():
+        raise ValueError("the standardized X overflows (values of X near 1e308?)")
+    return Z, mean, std
