@@ -129,6 +129,7 @@ def standardize(X, mean=None, std=None):
         raise ValueError("X contains NaN or infinity")
     if (mean is None or std is None) and X.shape[0] == 0:
         raise ValueError("X has no samples to take the mean and std from")
+    given = mean is not None, std is not None
     with np.errstate(over="ignore", invalid="ignore"):
         if mean is None:
             mean = X.mean(axis=0)
@@ -136,9 +137,13 @@ def standardize(X, mean=None, std=None):
             std = X.std(axis=0)
             std = np.where(std > 0, std, 1.0)
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
-    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-        raise ValueError("mean and std must be finite and std positive (values of X near "
-                         "1e308 overflow them)")
+    for name, value, was_given in (("mean", mean, given[0]), ("std", std, given[1])):
+        if np.isfinite(value).all() and (name == "mean" or (value > 0).all()):
+            continue
+        if was_given:
+            raise ValueError(f"the given {name} must be finite"
+                             + (" and positive" if name == "std" else ""))
+        raise ValueError(f"X's {name} overflows (values of X near 1e308)")
     with np.errstate(over="ignore"):
         Z = (X - mean) / std
     if not np.isfinite(Z).all():
