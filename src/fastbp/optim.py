@@ -320,10 +320,11 @@ class Schedule:
             lr = self.lr_at(epoch)
         except OverflowError:  # (Python's float power: gamma ** epoch past 1.8e308)
             lr = math.inf
-        if not (math.isfinite(lr) and lr >= 0):
+        try:
+            optimizer.lr = lr  # (the setter checks the rate before it takes it)
+        except ValueError as exc:
             raise ValueError(f"{type(self).__name__} gives the learning rate {lr!r} for epoch "
-                             f"{epoch}; a rate is a finite number >= 0")
-        optimizer.lr = lr
+                             f"{epoch} ({exc})") from None
 
     def end_epoch(self, metric):
         """Told the monitored value after each epoch (used by ReduceLROnPlateau)."""
